@@ -1,0 +1,194 @@
+"""RecBole 1.2.1 on today's stack (numpy 2, torch >= 2.6): the only module that patches RecBole.
+
+RecBole 1.2.1 was released for numpy 1 and torch < 2.6. Each fix below is small, named after
+what it repairs, and applied once by :func:`apply` (``import recbole_mamba`` calls it, so every
+process that imports the plugin, a Ray worker included, gets it).
+
+1. ``Config.compatibility_settings`` assigns ``np.float_``, ``np.complex_`` and ``np.unicode_``,
+   which numpy 2 removed: replaced by the same aliases built from names numpy 2 still has.
+   RecBole's own code still uses ``np.float`` (``Dataset._fill_nan``), so the aliases must exist.
+   ``np.bool8`` is added for ray 2.6.3 (RecBole's pinned ray), which still uses it.
+2. ``torch.load`` defaults to ``weights_only=True`` since torch 2.6, and RecBole's checkpoints
+   pickle the whole ``Config``. Instead of switching that safety off, exactly the classes a RecBole
+   checkpoint holds are registered with ``torch.serialization.add_safe_globals`` (see
+   :func:`allow_checkpoint_classes`). Anything else in a checkpoint is still refused. RecBole saves
+   with ``pickle_protocol=4``, whose opcodes the weights-only unpickler cannot read at all, so
+   ``Trainer._save_checkpoint`` saves with torch's default protocol instead, through a temporary
+   file renamed into place, so that a run killed while saving never leaves a truncated checkpoint.
+3. ``Dataset._download`` calls ``torch.distributed.barrier()`` even in a single process, which
+   raises there: the barrier now runs only when a process group exists.
+4. pandas 3 silently breaks RecBole's token_seq remapping and NaN filling (chained in-place
+   ``fillna``). The package requires pandas < 3; :func:`check_pandas` turns a pandas 3 that slipped in
+   anyway into a loud error instead of wrong data.
+"""
+
+import os
+import tempfile
+import warnings
+
+import numpy as np
+import torch
+
+_applied = False
+
+
+def apply():
+    """Apply every fix once; safe to call many times."""
+    global _applied
+    if _applied:
+        return
+    _add_numpy_aliases()
+    _patch_config_compatibility_settings()
+    _patch_lone_download_barrier()
+    _patch_save_checkpoint()
+    allow_checkpoint_classes()
+    _quiet_recbole_deprecation_warnings()
+    _applied = True
+
+
+# 1. numpy 2 ------------------------------------------------------------------------------------
+
+_NUMPY_ALIASES = {
+    # name RecBole (or ray 2.6.3) uses -> what numpy 1 gave it
+    "bool": np.bool_,
+    "bool8": np.bool_,
+    "int": np.int_,
+    "long": np.int_,
+    "float": np.float64,
+    "complex": np.complex128,
+    "object": np.object_,
+    "str": np.str_,
+    "unicode": np.str_,
+}
+
+
+def _add_numpy_aliases():
+    for name, value in _NUMPY_ALIASES.items():
+        if name not in vars(np):  # hasattr would trigger numpy's deprecation warnings
+            setattr(np, name, value)
+
+
+def _patch_config_compatibility_settings():
+    from recbole.config.configurator import Config
+
+    # RecBole calls this at the start of every Config(); the original fails on numpy 2.
+    Config.compatibility_settings = lambda self: _add_numpy_aliases()
+
+
+# 2. torch.load(weights_only=True) ----------------------------------------------------------------
+
+
+def checkpoint_classes():
+    """The classes (besides tensors and builtins) that a RecBole checkpoint pickles."""
+    import yaml
+    from recbole.config.configurator import Config
+    from recbole.utils import enum_type
+
+    from recbole_mamba.config import Config as PluginConfig
+
+    enums = [
+        getattr(enum_type, name)
+        for name in ("ModelType", "InputType", "EvaluatorType", "FeatureType", "FeatureSource")
+    ]
+    # Config keeps its YAML loader class (``Config.yaml_loader = yaml.FullLoader``).
+    return [Config, PluginConfig, yaml.FullLoader, *enums]
+
+
+def allow_checkpoint_classes(extra=()):
+    """Let ``torch.load(weights_only=True)`` read RecBole checkpoints.
+
+    ``extra`` are further classes a checkpoint refers to: the model class, which RecBole's
+    ``Config`` keeps as ``config.model_class``. Only these classes are registered; a checkpoint that
+    names anything else is still refused.
+    """
+    torch.serialization.add_safe_globals([*checkpoint_classes(), *extra])
+
+
+def _patch_save_checkpoint():
+    from recbole.trainer.trainer import Trainer
+    from recbole.utils import set_color
+
+    def _save_checkpoint(self, epoch, verbose=True, **kwargs):
+        if not self.config["single_spec"] and self.config["local_rank"] != 0:
+            return
+        saved_model_file = kwargs.pop("saved_model_file", self.saved_model_file)
+        state = {  # the same entries as RecBole's own checkpoint
+            "config": self.config,
+            "epoch": epoch,
+            "cur_step": self.cur_step,
+            # RecBole's score is a numpy scalar, which the weights-only unpickler refuses.
+            "best_valid_score": float(self.best_valid_score),
+            "state_dict": self.model.state_dict(),
+            "other_parameter": self.model.other_parameter(),
+            "optimizer": self.optimizer.state_dict(),
+        }
+        save_atomically(state, saved_model_file)
+        if verbose:
+            self.logger.info(set_color("Saving current", "blue") + f": {saved_model_file}")
+
+    Trainer._save_checkpoint = _save_checkpoint
+
+
+def save_atomically(obj, path):
+    """``torch.save`` to ``path`` via a temporary file in the same folder, then rename."""
+    folder = os.path.dirname(os.path.abspath(path))
+    handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=folder)
+    try:
+        with os.fdopen(handle, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+# 3. single-process download ----------------------------------------------------------------------
+
+
+def _patch_lone_download_barrier():
+    from recbole.data.dataset import dataset as dataset_module
+
+    original_download = dataset_module.Dataset._download
+
+    def _download(self):
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return original_download(self)
+        # RecBole's own steps, without the barrier that only a process group can pass.
+        url = self._get_download_url("url")
+        self.logger.info(f"Prepare to download dataset [{self.dataset_name}] from [{url}].")
+        if not dataset_module.decide_download(url):
+            raise RuntimeError(f"Download of dataset [{self.dataset_name}] cancelled.")
+        dataset_module.makedirs(self.dataset_path)
+        path = dataset_module.download_url(url, self.dataset_path)
+        dataset_module.extract_zip(path, self.dataset_path)
+        os.unlink(path)
+        basename = os.path.splitext(os.path.basename(path))[0]
+        dataset_module.rename_atomic_files(self.dataset_path, basename, self.dataset_name)
+        self.logger.info("Downloading done.")
+
+    dataset_module.Dataset._download = _download
+
+
+def _quiet_recbole_deprecation_warnings():
+    # RecBole's own calls of APIs that pandas and torch deprecated (chained in-place fillna,
+    # torch.cuda.amp.GradScaler) warn on every run; users cannot act on them.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"recbole\.")
+
+
+# 4. pandas 3 --------------------------------------------------------------------------------------
+
+
+def check_pandas():
+    """Refuse pandas >= 3, with which RecBole 1.2.1 silently corrupts token_seq fields."""
+    import pandas
+
+    major = int(pandas.__version__.split(".")[0])
+    if major >= 3:
+        raise RuntimeError(
+            f"pandas {pandas.__version__} is installed, but RecBole 1.2.1 silently mis-remaps "
+            "token_seq fields and skips NaN filling under pandas 3. Install pandas < 3: "
+            "pip install 'pandas<3'."
+        )
