@@ -1,0 +1,1 @@
+"""Building blocks: the Mamba mixer with its backends, and the pure-PyTorch selective scan."""

@@ -1,0 +1,197 @@
+"""The Mamba block ("mixer") with two interchangeable backends.
+
+Parameters have the names, shapes and initialisation of ``mamba_ssm.Mamba`` (in_proj, conv1d,
+x_proj, dt_proj, A_log, D, out_proj), so a state dict moves between machines and backends:
+
+- ``cuda``: mamba-ssm's fused kernels (``mamba_inner_fn`` with causal-conv1d; without causal-conv1d,
+  mamba-ssm's CUDA selective scan after a plain convolution). Needs a CUDA tensor.
+- ``torch``: a pure-PyTorch path with :func:`recbole_mamba.nn.selective_scan.selective_scan`,
+  which runs anywhere.
+
+The backend is chosen once, by :func:`resolve_backend`, when the module is built.
+"""
+
+import importlib.metadata
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from recbole_mamba.errors import UserInputError
+from recbole_mamba.nn.selective_scan import selective_scan
+
+BACKENDS = ("auto", "cuda", "torch")
+
+
+def _load_cuda_kernels():
+    """Import mamba-ssm's kernels; return (ops, reason they are unusable or None)."""
+    try:
+        from mamba_ssm.ops import selective_scan_interface as interface
+    except ImportError as e:
+        return None, f"mamba-ssm is not importable ({e}); install it with: pip install -e .[gpu]"
+    # mamba_inner_fn fuses the convolution too, through causal-conv1d's compiled functions.
+    fused = getattr(interface, "causal_conv1d_fwd_function", None) is not None
+    ops = {"mamba_inner_fn": interface.mamba_inner_fn, "selective_scan_fn": interface.selective_scan_fn}
+    return {**ops, "fused": fused}, None
+
+
+def _version(package):
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "?"
+
+
+def resolve_backend(requested, device):
+    """Pick the backend for a model on ``device``.
+
+    Returns ``(backend, description)``. ``auto`` takes ``cuda`` when the device is a GPU and
+    mamba-ssm imports, else ``torch``. Asking for ``cuda`` where it cannot run is an error that
+    says what is missing.
+    """
+    if requested not in BACKENDS:
+        raise UserInputError(f"mamba_backend must be one of {', '.join(BACKENDS)}, got {requested!r}.")
+    device = torch.device(device)
+    if requested == "torch":
+        return "torch", "torch (pure-PyTorch selective scan), as configured"
+    if device.type != "cuda" or not torch.cuda.is_available():
+        reason = "the model runs on the CPU" if device.type != "cuda" else "torch sees no CUDA device"
+        if requested == "cuda":
+            raise UserInputError(
+                f"mamba_backend=cuda needs a CUDA GPU, but {reason} (device {device}, "
+                f"torch.cuda.is_available()={torch.cuda.is_available()}). "
+                "Use mamba_backend=torch or auto to run the pure-PyTorch scan."
+            )
+        return "torch", f"torch (pure-PyTorch selective scan), because {reason}"
+    kernels, reason = _load_cuda_kernels()
+    if kernels is None:
+        if requested == "cuda":
+            raise UserInputError(f"mamba_backend=cuda is not available: {reason}.")
+        return "torch", f"torch (pure-PyTorch selective scan), because {reason}"
+    conv = (
+        f"causal-conv1d {_version('causal-conv1d')}"
+        if kernels["fused"]
+        else "no causal-conv1d: plain Conv1d"
+    )
+    return "cuda", f"cuda (mamba-ssm {_version('mamba-ssm')} fused kernels, {conv})"
+
+
+class MambaMixer(nn.Module):
+    """One Mamba block: (batch, length, d_model) -> (batch, length, d_model), causal in length."""
+
+    def __init__(
+        self,
+        d_model,
+        d_state=16,
+        d_conv=4,
+        expand=2,
+        dt_rank="auto",
+        dt_min=0.001,
+        dt_max=0.1,
+        dt_init_floor=1e-4,
+        backend="torch",
+    ):
+        super().__init__()
+        if backend not in ("cuda", "torch"):
+            raise ValueError(f"backend must be 'cuda' or 'torch' (use resolve_backend), got {backend!r}")
+        self.backend = backend
+        self.d_state = d_state
+        self.d_inner = expand * d_model
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank
+
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=False)
+        self.conv1d = nn.Conv1d(
+            self.d_inner, self.d_inner, d_conv, groups=self.d_inner, padding=d_conv - 1, bias=True
+        )
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
+        # S4D-real initialisation: A = -(1, 2, ..., d_state) for every channel, stored as log(-A).
+        A = torch.arange(1, d_state + 1, dtype=torch.float32).repeat(self.d_inner, 1)
+        self.A_log = nn.Parameter(torch.log(A))
+        self.D = nn.Parameter(torch.ones(self.d_inner))
+        self._init_dt(dt_min, dt_max, dt_init_floor)
+        self._kernels = _load_cuda_kernels()[0] if backend == "cuda" else None
+
+    @torch.no_grad()
+    def _init_dt(self, dt_min, dt_max, dt_init_floor):
+        # As mamba-ssm: dt_proj's weight uniform in +-dt_rank^-0.5, and its bias set so that
+        # softplus(bias) is log-uniform in [dt_min, dt_max].
+        std = self.dt_rank**-0.5
+        nn.init.uniform_(self.dt_proj.weight, -std, std)
+        dt = torch.exp(torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=dt_init_floor)
+        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+    def forward(self, hidden_states):
+        if self.backend == "cuda":
+            if not hidden_states.is_cuda:
+                raise RuntimeError(
+                    "This Mamba block was built for the cuda backend but got a CPU tensor; "
+                    "rebuild the model with mamba_backend=torch (or auto) to run on the CPU."
+                )
+            return self._forward_cuda(hidden_states)
+        return self._forward_torch(hidden_states)
+
+    def _scan_inputs(self, x):
+        """From the convolved x (b, d, l): delta without bias (b, d, l), B and C (b, n, l)."""
+        x_dbl = self.x_proj(x.transpose(1, 2))  # (b, l, dt_rank + 2n)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # bias goes in as delta_bias
+        return delta, B.transpose(1, 2), C.transpose(1, 2)
+
+    def _forward_torch(self, hidden_states):
+        length = hidden_states.shape[1]
+        xz = self.in_proj(hidden_states).transpose(1, 2)  # (b, 2 * d_inner, l)
+        x, z = xz.chunk(2, dim=1)
+        x = F.silu(self.conv1d(x)[..., :length])
+        delta, B, C = self._scan_inputs(x)
+        y = selective_scan(
+            x,
+            delta,
+            -torch.exp(self.A_log.float()),
+            B,
+            C,
+            self.D.float(),
+            z=z,
+            delta_bias=self.dt_proj.bias.float(),
+            delta_softplus=True,
+        )
+        return self.out_proj(y.transpose(1, 2))
+
+    def _forward_cuda(self, hidden_states):
+        length = hidden_states.shape[1]
+        A = -torch.exp(self.A_log.float())
+        xz = self.in_proj(hidden_states).transpose(1, 2)
+        if self._kernels["fused"]:
+            return self._kernels["mamba_inner_fn"](
+                xz,
+                self.conv1d.weight,
+                self.conv1d.bias,
+                self.x_proj.weight,
+                self.dt_proj.weight,
+                self.out_proj.weight,
+                self.out_proj.bias,
+                A,
+                None,
+                None,
+                self.D.float(),
+                delta_bias=self.dt_proj.bias.float(),
+                delta_softplus=True,
+            )
+        x, z = xz.chunk(2, dim=1)
+        x = F.silu(self.conv1d(x)[..., :length])
+        delta, B, C = self._scan_inputs(x)
+        y = self._kernels["selective_scan_fn"](
+            x.contiguous(),
+            delta.contiguous(),
+            A,
+            B.contiguous(),
+            C.contiguous(),
+            self.D.float(),
+            z=z.contiguous(),
+            delta_bias=self.dt_proj.bias.float(),
+            delta_softplus=True,
+        )
+        return self.out_proj(y.transpose(1, 2))
