@@ -1,0 +1,152 @@
+"""Mamba4Rec: Towards Efficient Sequential Recommendation with Selective State Space Models.
+
+Chengkai Liu, Jianghao Lin, Jianling Wang, Hanzhou Liu, James Caverlee. arXiv 2403.03900 (2024).
+
+Item embedding -> dropout -> LayerNorm -> ``num_layers`` x [Mamba block -> dropout
+(-> + residual when num_layers > 1) -> LayerNorm -> position-wise FFN] -> the hidden state at the
+last real item -> dot product with every item embedding. Module names follow the authors' code, so
+their checkpoints' state dicts load here.
+"""
+
+import logging
+
+from recbole.model.abstract_recommender import SequentialRecommender
+from recbole.model.loss import BPRLoss
+from torch import nn
+
+from recbole_mamba.errors import UserInputError
+from recbole_mamba.nn.mamba_mixer import MambaMixer, resolve_backend
+
+
+class Mamba4Rec(SequentialRecommender):
+    r"""Mamba4Rec, a RecBole sequential recommender.
+
+    Config keys (defaults in ``yaml/model/Mamba4Rec.yaml``): ``hidden_size``, ``num_layers``,
+    ``dropout_prob``, ``loss_type`` (CE or BPR), ``d_state``, ``d_conv``, ``expand``,
+    ``mamba_backend`` (auto, cuda or torch).
+    """
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        self.check_config(config)
+        self.hidden_size = config["hidden_size"]
+        self.num_layers = config["num_layers"]
+        self.dropout_prob = config["dropout_prob"]
+        self.loss_type = config["loss_type"]
+        self.backend, description = resolve_backend(config["mamba_backend"], config["device"])
+        logging.getLogger().info(f"Mamba backend: {description}")
+
+        self.item_embedding = nn.Embedding(self.n_items, self.hidden_size, padding_idx=0)
+        self.LayerNorm = nn.LayerNorm(self.hidden_size, eps=1e-12)
+        self.dropout = nn.Dropout(self.dropout_prob)
+        self.mamba_layers = nn.ModuleList(
+            MambaLayer(
+                d_model=self.hidden_size,
+                d_state=config["d_state"],
+                d_conv=config["d_conv"],
+                expand=config["expand"],
+                dropout=self.dropout_prob,
+                residual=self.num_layers > 1,
+                backend=self.backend,
+            )
+            for _ in range(self.num_layers)
+        )
+        self.loss_fct = BPRLoss() if self.loss_type == "BPR" else nn.CrossEntropyLoss()
+        # As published: normal(0, 0.02) on every Linear and Embedding, the Mamba block's included
+        # (this overrides mamba-ssm's own dt_proj initialisation).
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def check_config(config):
+        """Reject hyperparameters the model cannot be built with, naming the key and valid range."""
+        positive_ints = ("hidden_size", "num_layers", "d_state", "d_conv", "expand")
+        for key in positive_ints:
+            value = config[key]
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise UserInputError(f"{key} must be an integer >= 1, got {value!r}.")
+        dropout = config["dropout_prob"]
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise UserInputError(f"dropout_prob must be a number in [0, 1), got {dropout!r}.")
+        if config["loss_type"] not in ("CE", "BPR"):
+            raise UserInputError(f"loss_type must be CE or BPR, got {config['loss_type']!r}.")
+        if config["loss_type"] == "BPR" and config["train_neg_sample_args"].get("distribution") == "none":
+            raise UserInputError(
+                "loss_type BPR needs negative samples: set train_neg_sample_args, e.g. "
+                "--train_neg_sample_args=\"{'distribution': 'uniform', 'sample_num': 1}\"."
+            )
+        resolve_backend(config["mamba_backend"], config["device"])  # fails early if unusable
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            module.weight.data.normal_(mean=0.0, std=0.02)
+        elif isinstance(module, nn.LayerNorm):
+            module.bias.data.zero_()
+            module.weight.data.fill_(1.0)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            module.bias.data.zero_()
+
+    def forward(self, item_seq, item_seq_len):
+        # The model is causal and RecBole pads on the right, so the columns after the batch's
+        # longest sequence cannot change any output: skip them (short-history data such as the
+        # Amazon sets is mostly padding at MAX_ITEM_LIST_LENGTH 50).
+        item_seq = item_seq[:, : int(item_seq_len.max())]
+        hidden = self.LayerNorm(self.dropout(self.item_embedding(item_seq)))
+        for layer in self.mamba_layers:
+            hidden = layer(hidden)
+        # RecBole pads on the right, so the last real item is at item_seq_len - 1.
+        return self.gather_indexes(hidden, item_seq_len - 1)
+
+    def calculate_loss(self, interaction):
+        seq_output = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
+        pos_items = interaction[self.POS_ITEM_ID]
+        if self.loss_type == "BPR":
+            pos_score = (seq_output * self.item_embedding(pos_items)).sum(dim=-1)
+            neg_score = (seq_output * self.item_embedding(interaction[self.NEG_ITEM_ID])).sum(dim=-1)
+            return self.loss_fct(pos_score, neg_score)
+        logits = seq_output @ self.item_embedding.weight.t()
+        return self.loss_fct(logits, pos_items)
+
+    def predict(self, interaction):
+        seq_output = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
+        return (seq_output * self.item_embedding(interaction[self.ITEM_ID])).sum(dim=-1)
+
+    def full_sort_predict(self, interaction):
+        seq_output = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
+        return seq_output @ self.item_embedding.weight.t()
+
+
+class MambaLayer(nn.Module):
+    """Mamba block -> dropout (-> + input) -> LayerNorm -> feed-forward."""
+
+    def __init__(self, d_model, d_state, d_conv, expand, dropout, residual, backend):
+        super().__init__()
+        self.residual = residual
+        self.mamba = MambaMixer(d_model, d_state=d_state, d_conv=d_conv, expand=expand, backend=backend)
+        self.dropout = nn.Dropout(dropout)
+        self.LayerNorm = nn.LayerNorm(d_model, eps=1e-12)
+        self.ffn = FeedForward(d_model, inner_size=4 * d_model, dropout=dropout)
+
+    def forward(self, input_tensor):
+        hidden = self.dropout(self.mamba(input_tensor))
+        if self.residual:  # the paper drops the residual around a single layer
+            hidden = hidden + input_tensor
+        return self.ffn(self.LayerNorm(hidden))
+
+
+class FeedForward(nn.Module):
+    """Position-wise FFN: Linear -> GELU -> dropout -> Linear -> dropout -> LayerNorm(+ input)."""
+
+    def __init__(self, d_model, inner_size, dropout):
+        super().__init__()
+        self.w_1 = nn.Linear(d_model, inner_size)
+        self.w_2 = nn.Linear(inner_size, d_model)
+        self.activation = nn.GELU()
+        self.dropout = nn.Dropout(dropout)
+        self.LayerNorm = nn.LayerNorm(d_model, eps=1e-12)
+
+    def forward(self, input_tensor):
+        hidden = self.dropout(self.activation(self.w_1(input_tensor)))
+        hidden = self.dropout(self.w_2(hidden))
+        return self.LayerNorm(hidden + input_tensor)
+
