@@ -1,0 +1,56 @@
+"""Shared fixtures: small slices of real data, written to temporary folders."""
+
+import os
+from pathlib import Path
+
+import pytest
+import recbole
+
+import recbole_mamba  # noqa: F401  (applies the RecBole compatibility fixes)
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATASETS = REPO.parent / "shared" / "datasets"
+EMBEDDED_ML100K = Path(os.path.dirname(recbole.__file__)) / "dataset_example" / "ml-100k"
+
+
+def write_slice(source_inter, target_folder, name, n_users):
+    """Copy the rows of the first ``n_users`` users (in file order) of an .inter file."""
+    target = Path(target_folder) / name
+    target.mkdir(parents=True)
+    users = []
+    with open(source_inter, encoding="utf-8") as src, open(target / f"{name}.inter", "w", encoding="utf-8") as dst:
+        dst.write(src.readline())
+        for line in src:
+            user = line.split("\t", 1)[0]
+            if user not in users:
+                if len(users) == n_users:
+                    continue
+                users.append(user)
+            dst.write(line)
+    return target
+
+
+@pytest.fixture(scope="session")
+def tiny_ml100k(tmp_path_factory):
+    """(data_path, dataset name): the first 100 users of RecBole's bundled ml-100k."""
+    data_path = tmp_path_factory.mktemp("data")
+    write_slice(EMBEDDED_ML100K / "ml-100k.inter", data_path, "ml100k-tiny", n_users=100)
+    return str(data_path), "ml100k-tiny"
+
+
+# Settings that keep end-to-end runs on the CPU to seconds.
+FAST_SETTINGS = {
+    "MAX_ITEM_LIST_LENGTH": 10,
+    "train_batch_size": 256,
+    "eval_batch_size": 256,
+    "show_progress": False,
+    "worker": 0,
+}
+
+
+def shared_dataset(name):
+    """Path of a dataset in ../shared/datasets, or skip the test with the reason."""
+    folder = SHARED_DATASETS / name
+    if not (folder / f"{name}.inter").is_file():
+        pytest.skip(f"needs {folder}/{name}.inter (the shared datasets folder beside the checkout)")
+    return str(SHARED_DATASETS)

@@ -1,0 +1,67 @@
+"""GPU: mamba-ssm's fused kernels (the ``cuda`` backend) against the pure-PyTorch twin.
+
+Skipped on machines without CUDA or without mamba-ssm; run on the GPU machine.
+"""
+
+import copy
+
+import pytest
+import torch
+
+from recbole_mamba.nn.mamba_mixer import MambaMixer, resolve_backend
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def cuda_backend():
+    backend, description = resolve_backend("auto", "cuda")
+    if backend != "cuda":
+        pytest.skip(f"mamba-ssm kernels unavailable: {description}")
+    return description
+
+
+def relative_error(actual, expected):
+    return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
+
+
+def twin_mixers(seed=0, d_model=64, d_state=32):
+    torch.manual_seed(seed)
+    fast = MambaMixer(d_model, d_state=d_state, d_conv=4, expand=2, backend="cuda").cuda()
+    slow = MambaMixer(d_model, d_state=d_state, d_conv=4, expand=2, backend="torch").cuda()
+    slow.load_state_dict(fast.state_dict())
+    return fast, slow
+
+
+@pytest.mark.parametrize("length", [1, 7, 200, 2048])
+def test_cuda_and_torch_backends_agree_fp32(cuda_backend, length):
+    fast, slow = twin_mixers()
+    batch = 4 if length <= 200 else 2
+    x = torch.randn(batch, length, 64, device="cuda")
+    grad_out = torch.randn(batch, length, 64, device="cuda")
+    outputs = {}
+    for name, mixer in (("cuda", fast), ("torch", slow)):
+        xi = x.clone().requires_grad_(True)
+        y = mixer(xi)
+        y.backward(grad_out)
+        grads = {n: p.grad.clone() for n, p in mixer.named_parameters()}
+        outputs[name] = (y.detach(), xi.grad, grads)
+    assert relative_error(outputs["cuda"][0], outputs["torch"][0]) < 1e-4
+    assert relative_error(outputs["cuda"][1], outputs["torch"][1]) < 1e-4
+    for name in outputs["torch"][2]:
+        assert relative_error(outputs["cuda"][2][name], outputs["torch"][2][name]) < 1e-4, name
+
+
+def test_state_dict_moves_to_cpu_torch_backend(cuda_backend):
+    fast, _ = twin_mixers(seed=1)
+    cpu = MambaMixer(64, d_state=32, d_conv=4, expand=2, backend="torch")
+    cpu.load_state_dict(copy.deepcopy(fast.state_dict()))
+    x = torch.randn(2, 50, 64)
+    with torch.no_grad():
+        assert relative_error(cpu(x), fast(x.cuda()).cpu()) < 1e-4
+
+
+def test_cuda_backend_refuses_cpu_tensors(cuda_backend):
+    fast, _ = twin_mixers()
+    with pytest.raises(RuntimeError, match="mamba_backend=torch"):
+        fast.cpu()(torch.randn(1, 3, 64))
