@@ -17,9 +17,14 @@ process that imports the plugin, a Ray worker included, gets it).
    file renamed into place, so that a run killed while saving never leaves a truncated checkpoint.
 3. ``Dataset._download`` calls ``torch.distributed.barrier()`` even in a single process, which
    raises there: the barrier now runs only when a process group exists.
-4. pandas 3 silently breaks RecBole's token_seq remapping and NaN filling (chained in-place
-   ``fillna``). The package requires pandas < 3; :func:`check_pandas` turns a pandas 3 that slipped in
-   anyway into a loud error instead of wrong data.
+4. pandas 3 (copy-on-write) silently ignores RecBole's chained in-place ``df[field].fillna(...,
+   inplace=True)``: missing token and float values stay NaN, and empty token_seq cells crash the
+   sequence split. ``Dataset._fill_nan`` is replaced by the same logic written as assignments, and
+   under pandas 3 the ``read_csv`` that ``Dataset._load_feat`` calls fills empty sequence cells with
+   ``""`` itself, which is what RecBole's ignored ``fillna`` meant to do. pandas 3 also made
+   ``Series.agg(len)`` the length of the whole Series instead of each cell's, which RecBole uses to
+   split token_seq and float_seq fields back into rows after remapping, normalising or bucketing:
+   while those three methods run, ``agg(len)`` keeps its pandas 2 meaning. Works on pandas 2 and 3.
 """
 
 import os
@@ -41,6 +46,9 @@ def apply():
     _patch_config_compatibility_settings()
     _patch_lone_download_barrier()
     _patch_save_checkpoint()
+    _patch_fill_nan()
+    _patch_sequence_cells_for_pandas_3()
+    _patch_cellwise_len_for_pandas_3()
     allow_checkpoint_classes()
     _quiet_recbole_deprecation_warnings()
     _applied = True
@@ -176,19 +184,102 @@ def _quiet_recbole_deprecation_warnings():
     # RecBole's own calls of APIs that pandas and torch deprecated (chained in-place fillna,
     # torch.cuda.amp.GradScaler) warn on every run; users cannot act on them.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"recbole\.")
+    # pandas 3 warns about the chained in-place fillna that item 4 below makes unnecessary.
+    warnings.filterwarnings("ignore", message=r"A value is being set on a copy", module=r"recbole\.")
 
 
 # 4. pandas 3 --------------------------------------------------------------------------------------
 
 
-def check_pandas():
-    """Refuse pandas >= 3, with which RecBole 1.2.1 silently corrupts token_seq fields."""
+def _patch_fill_nan():
+    from recbole.data.dataset.dataset import Dataset
+    from recbole.utils import FeatureType, set_color
+
+    def _fill_nan(self):
+        # RecBole's own imputation (token: 0 = [PAD], float: the column mean, sequences: empty
+        # arrays), assigning the results instead of chaining in-place fillna, which pandas 3 ignores.
+        self.logger.debug(set_color("Filling nan", "green"))
+        for feat_name in self.feat_name_list:
+            feat = getattr(self, feat_name)
+            for field in feat:
+                ftype = self.field2type[field]
+                if ftype == FeatureType.TOKEN:
+                    feat[field] = feat[field].fillna(value=0)
+                elif ftype == FeatureType.FLOAT:
+                    feat[field] = feat[field].fillna(value=feat[field].mean())
+                else:
+                    dtype = np.int64 if ftype == FeatureType.TOKEN_SEQ else np.float64
+                    feat[field] = feat[field].apply(
+                        lambda x: np.array([], dtype=dtype) if isinstance(x, float) else x
+                    )
+
+    Dataset._fill_nan = _fill_nan
+
+
+class _PandasFillingSequenceCells:
+    """The pandas module, except that ``read_csv`` turns empty ``*_seq`` cells into ``""``.
+
+    Stands in for ``pd`` inside RecBole's dataset module under pandas 3 only, where RecBole's own
+    ``df[field].fillna(value="", inplace=True)`` after reading is a silent no-op.
+    """
+
+    def __init__(self, pandas_module):
+        self._pandas = pandas_module
+
+    def __getattr__(self, name):
+        return getattr(self._pandas, name)
+
+    def read_csv(self, *args, **kwargs):
+        df = self._pandas.read_csv(*args, **kwargs)
+        for column in df.columns:  # still named "field:type" here
+            if str(column).endswith("_seq"):
+                df[column] = df[column].fillna("")
+        return df
+
+
+def pandas_major_version():
     import pandas
 
-    major = int(pandas.__version__.split(".")[0])
-    if major >= 3:
-        raise RuntimeError(
-            f"pandas {pandas.__version__} is installed, but RecBole 1.2.1 silently mis-remaps "
-            "token_seq fields and skips NaN filling under pandas 3. Install pandas < 3: "
-            "pip install 'pandas<3'."
-        )
+    return int(pandas.__version__.split(".")[0])
+
+
+def _patch_sequence_cells_for_pandas_3():
+    if pandas_major_version() < 3:
+        return
+    from recbole.data.dataset import dataset as dataset_module
+
+    if not isinstance(dataset_module.pd, _PandasFillingSequenceCells):
+        dataset_module.pd = _PandasFillingSequenceCells(dataset_module.pd)
+
+
+def _cellwise_len_agg(original_agg):
+    def agg(series, func=None, *args, **kwargs):
+        if func is len:  # pandas 2: the length of each cell
+            return series.map(len)
+        return original_agg(series, func, *args, **kwargs)
+
+    return agg
+
+
+def _patch_cellwise_len_for_pandas_3():
+    if pandas_major_version() < 3:
+        return
+    import functools
+
+    import pandas
+    from recbole.data.dataset.dataset import Dataset
+
+    def with_cellwise_len(method):
+        @functools.wraps(method)
+        def wrapper(*args, **kwargs):
+            original = pandas.Series.agg
+            pandas.Series.agg = _cellwise_len_agg(original)
+            try:
+                return method(*args, **kwargs)
+            finally:
+                pandas.Series.agg = original
+
+        return wrapper
+
+    for name in ("_remap", "_normalize", "_discretization"):
+        setattr(Dataset, name, with_cellwise_len(getattr(Dataset, name)))

@@ -11,7 +11,6 @@ from recbole.data import create_dataset, data_preparation
 from recbole.data.transform import construct_transform
 from recbole.utils import get_environment, get_flops, get_trainer, init_logger, init_seed, set_color
 
-from recbole_mamba import compat
 from recbole_mamba.checkpoint import load_checkpoint
 from recbole_mamba.config import Config, get_model
 from recbole_mamba.data.checks import check_dataset_files
@@ -64,7 +63,6 @@ def run(model=None, dataset=None, config_file_list=None, config_dict=None, cmd_a
         dict with ``best_valid_score``, ``valid_score_bigger``, ``best_valid_result``,
         ``test_result``, ``model_file`` and ``trainable_parameters``.
     """
-    compat.check_pandas()
     config = create_config(model, dataset, config_file_list, config_dict, cmd_args)
 
     init_seed(config["seed"], config["reproducibility"])
@@ -113,7 +111,6 @@ def load_data_and_model(model_file, map_location=None):
     Returns:
         (config, model, dataset, train_data, valid_data, test_data)
     """
-    compat.check_pandas()
     checkpoint = load_checkpoint(model_file, map_location="cpu")
     config = checkpoint["config"]
     if map_location is not None:

@@ -108,7 +108,7 @@ def test_saved_checkpoint_is_complete_even_if_saving_fails(tiny_ml100k, tmp_path
 
 
 def test_token_seq_remapping_and_nan_filling(tmp_path):
-    # pandas 3 breaks both silently (chained in-place fillna): this test fails there.
+    # Unpatched, pandas 3 breaks these (in-place fillna on a copy, Series.agg(len)): see compat.py.
     folder = tmp_path / "feat"
     folder.mkdir()
     inter = ["user_id:token\titem_id:token\ttimestamp:float"]
@@ -116,22 +116,23 @@ def test_token_seq_remapping_and_nan_filling(tmp_path):
         inter += [f"u{user}\ti{item}\t{user * 10 + item}" for item in range(1, 6)]
     (folder / "feat.inter").write_text("\n".join(inter) + "\n")
     (folder / "feat.item").write_text(
-        "item_id:token\tgenres:token_seq\tprice:float\n"
-        "i1\tdrama comedy\t1.0\n"
-        "i2\t\t3.0\n"
-        "i3\thorror\t\n"
-        "i4\tcomedy horror drama\t5.0\n"
-        "i5\tdrama\t3.0\n"
+        "item_id:token\tgenres:token_seq\tprice:float\tscores:float_seq\n"
+        "i1\tdrama comedy\t1.0\t0 10\n"
+        "i2\t\t3.0\t5\n"
+        "i3\thorror\t\t\n"
+        "i4\tcomedy horror drama\t5.0\t2.5 7.5 10\n"
+        "i5\tdrama\t3.0\t0\n"
     )
     config = Config(
         "SASRec",
         "feat",
         config_dict={
             "data_path": str(tmp_path),
-            "load_col": {"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id", "genres", "price"]},
+            "load_col": {"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id", "genres", "price", "scores"]},
             "user_inter_num_interval": None,
             "item_inter_num_interval": None,
             "normalize_all": False,
+            "normalize_field": ["scores"],  # min-max over all cells, then split back into rows
         },
     )
     dataset = create_dataset(config)
@@ -146,6 +147,14 @@ def test_token_seq_remapping_and_nan_filling(tmp_path):
     assert genres("i2") == []
     assert genres("i4") == ["comedy", "horror", "drama"]
     assert item_feat["price"][dataset.token2id("item_id", "i3")].item() == pytest.approx(3.0)  # mean of the rest
+
+    def scores(item):
+        iid = dataset.token2id("item_id", item)
+        return [float(value) for value in item_feat["scores"][iid]]
+
+    assert scores("i1") == pytest.approx([0.0, 1.0])
+    assert scores("i4") == pytest.approx([0.25, 0.75, 1.0])
+    assert scores("i3") == []
 
 
 class _ZipHandler(http.server.BaseHTTPRequestHandler):
