@@ -36,11 +36,13 @@ def test_weights_only_is_not_switched_off():
 
 def _tiny_config(tiny_ml100k, **settings):
     data_path, name = tiny_ml100k
-    return Config(
+    config = Config(
         "Mamba4Rec",
         name,
         config_dict={"data_path": data_path, "mamba_backend": "torch", **FAST_SETTINGS, **settings},
     )
+    config["device"] = torch.device("cpu")  # even where a GPU exists: these tests are about files
+    return config
 
 
 def _save_with_recbole_trainer(config, model, tmp_path):
