@@ -26,9 +26,10 @@ from torch.autograd.function import once_differentiable
 
 __all__ = ["selective_scan", "selective_scan_reference"]
 
-# Tuning, measured on a 2-core EPYC with benchmarks/cpu_scan.py.  The work is memory-bound,
-# so what matters is that the per-step state (batch_block, d, n) and the per-chunk buffers
-# (chunk, batch_block, d, n) stay in cache: about 512 KiB and 4 MiB.
+# Tuning, chosen by timing a few settings on 2-core machines (benchmarks/cpu_scan.py times the
+# result).  The work is memory-bound, so what matters is that the per-step state
+# (batch_block, d, n) and the per-chunk buffers (chunk, batch_block, d, n) stay in cache:
+# about 512 KiB and 4 MiB.
 _SLAB_BYTES = 512 * 1024
 _CHUNK_BYTES = 4 * 1024 * 1024
 _MAX_CHUNK = 64
