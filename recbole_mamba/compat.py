@@ -184,6 +184,8 @@ def _quiet_recbole_deprecation_warnings():
     # RecBole's own calls of APIs that pandas and torch deprecated (chained in-place fillna,
     # torch.cuda.amp.GradScaler) warn on every run; users cannot act on them.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"recbole\.")
+    # ray 2.6.3 (imported by recbole.quick_start) warns that pkg_resources is deprecated.
+    warnings.filterwarnings("ignore", message=r"pkg_resources is deprecated", category=UserWarning)
     # pandas 3 warns about the chained in-place fillna that item 4 below makes unnecessary.
     warnings.filterwarnings("ignore", message=r"A value is being set on a copy", module=r"recbole\.")
 

@@ -4,6 +4,8 @@ import http.server
 import io
 import os
 import pickle
+import subprocess
+import sys
 import threading
 import zipfile
 from pathlib import Path
@@ -27,6 +29,18 @@ def test_recbole_config_builds_on_numpy_2():
     config = Config("SASRec", "ml-100k")
     assert config["model"] == "SASRec"
     assert np.float is np.float64 and np.unicode is np.str_ and np.bool8 is np.bool_
+
+
+def test_recbole_quick_start_imports_beside_the_plugin():
+    # recbole.quick_start imports RecBole's pinned ray 2.6.3, which needs np.bool8 (numpy 1 only)
+    # and pkg_resources (setuptools < 82): RecBole users' own scripts must keep working.
+    result = subprocess.run(
+        [sys.executable, "-c", "import recbole_mamba; from recbole.quick_start import run_recbole"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_weights_only_is_not_switched_off():
