@@ -30,6 +30,12 @@ def write_slice(source_inter, target_folder, name, n_users):
     return target
 
 
+@pytest.fixture(autouse=True)
+def _in_a_temporary_folder(tmp_path, monkeypatch):
+    """RecBole writes log/, log_tensorboard/ and saved/ into the working directory: not the checkout."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture(scope="session")
 def tiny_ml100k(tmp_path_factory):
     """(data_path, dataset name): the first 100 users of RecBole's bundled ml-100k."""

@@ -59,8 +59,9 @@ def _tiny_config(tiny_ml100k, **settings):
     return config
 
 
-def _save_with_recbole_trainer(config, model, tmp_path):
-    config["checkpoint_dir"] = str(tmp_path)
+def _save_with_recbole_trainer(config, model, folder):
+    folder.mkdir(exist_ok=True)
+    config["checkpoint_dir"] = str(folder)
     trainer = Trainer(config, model)
     trainer._save_checkpoint(epoch=0)
     return trainer.saved_model_file
@@ -71,7 +72,7 @@ def test_checkpoint_save_load_gives_identical_scores(tiny_ml100k, tmp_path):
     dataset = create_dataset(config)
     torch.manual_seed(1)
     model = Mamba4Rec(config, dataset)
-    model_file = _save_with_recbole_trainer(config, model, tmp_path)
+    model_file = _save_with_recbole_trainer(config, model, tmp_path / "checkpoints")
 
     # RecBole's Trainer reloads with plain torch.load, whose default is weights_only=True.
     assert torch.load(model_file, weights_only=True)["epoch"] == 0
@@ -107,7 +108,8 @@ def test_checkpoint_that_would_run_code_is_refused(tmp_path):
 def test_saved_checkpoint_is_complete_even_if_saving_fails(tiny_ml100k, tmp_path, monkeypatch):
     config = _tiny_config(tiny_ml100k)
     model = Mamba4Rec(config, create_dataset(config))
-    model_file = _save_with_recbole_trainer(config, model, tmp_path)
+    checkpoints = tmp_path / "checkpoints"
+    model_file = _save_with_recbole_trainer(config, model, checkpoints)
     good = Path(model_file).read_bytes()
 
     def fail_halfway(obj, f, *args, **kwargs):
@@ -120,7 +122,7 @@ def test_saved_checkpoint_is_complete_even_if_saving_fails(tiny_ml100k, tmp_path
     with pytest.raises(OSError):
         trainer._save_checkpoint(epoch=1)
     assert Path(model_file).read_bytes() == good
-    assert [p.name for p in tmp_path.iterdir()] == [Path(model_file).name]
+    assert [p.name for p in checkpoints.iterdir()] == [Path(model_file).name]  # no temporary file left
 
 
 def test_token_seq_remapping_and_nan_filling(tmp_path):
