@@ -8,14 +8,15 @@ L = 200 and 2048, with two scans inside the same block:
   differentiated by autograd (the fastest of the simple CPU implementations measured before this
   package existed: 0.18 s at L=200 and 2.7 s at L=2048 on the same kind of machine).
 
-Reports the median of several timed repetitions after one warm-up (the two scans taking turns), the ratio, and the memory each
-keeps for backward (what autograd saves, counted with saved-tensor hooks), measured in one
-run. Writes benchmarks/results/cpu_scan.{json,md}.
+Reports the median of several timed repetitions after one warm-up (the two scans taking turns),
+the ratio, and the memory each keeps for backward (what autograd saves, counted with saved-tensor
+hooks), measured in one run. Writes benchmarks/results/cpu_scan.{json,md}.
 
     python benchmarks/cpu_scan.py            # about 3 minutes on 2 cores
 """
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -50,18 +51,26 @@ def per_step_loop_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
 SCANS = {"chunked": selective_scan, "per-step loop": per_step_loop_scan}
 
 
+@contextlib.contextmanager
+def scan_in_blocks(scan):
+    """Inside the ``with``, torch-backend MambaMixers use ``scan`` instead of the chunked scan."""
+    original, mamba_mixer.selective_scan = mamba_mixer.selective_scan, scan
+    try:
+        yield
+    finally:
+        mamba_mixer.selective_scan = original
+
+
 def block_step(scan, batch, length):
-    """A function running forward + backward through one Mamba block that uses ``scan``."""
+    """(step, saved_mib): forward + backward through one Mamba block that uses ``scan``, and the
+    MiB that its forward keeps for backward."""
     torch.manual_seed(0)
     block = mamba_mixer.MambaMixer(64, d_state=32, d_conv=4, expand=2, backend="torch")
     x = torch.randn(batch, length, 64, requires_grad=True)
 
     def step():
-        original, mamba_mixer.selective_scan = mamba_mixer.selective_scan, scan
-        try:
+        with scan_in_blocks(scan):
             block(x).square().mean().backward()
-        finally:
-            mamba_mixer.selective_scan = original
         block.zero_grad(set_to_none=True)
         x.grad = None
 
@@ -72,12 +81,8 @@ def block_step(scan, batch, length):
             saved_bytes.append(tensor.numel() * tensor.element_size())
             return tensor
 
-        original, mamba_mixer.selective_scan = mamba_mixer.selective_scan, scan
-        try:
-            with torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor):
-                block(x)
-        finally:
-            mamba_mixer.selective_scan = original
+        with scan_in_blocks(scan), torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor):
+            block(x)
         return sum(saved_bytes) / 2**20
 
     return step, saved_mib
