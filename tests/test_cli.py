@@ -15,7 +15,6 @@ from recbole_mamba.quick_start import create_config
 from tests.conftest import EMBEDDED_ML100K, FAST_SETTINGS, REPO
 
 
-
 def test_no_arguments_selects_the_embedded_default():
     args, settings = run_recbole_mamba.parse_args([])
     assert (args.model, args.dataset) == ("Mamba4Rec", "ml-100k")
@@ -69,9 +68,9 @@ def test_cli_trains_and_beats_random_ranking(model, tiny_ml100k, tmp_path):
     assert all(math.isfinite(v) for pair in table.values() for v in pair)
 
     n_items = int(re.search(r"The number of items: (\d+)", output).group(1))
-    # A random ranking puts the target in the top 10 with probability 10 / (candidates), and the
-    # candidates are all items minus the user's history (at most MAX_ITEM_LIST_LENGTH + 2 here
-    # is not guaranteed, so bound it by all items minus the longest sequence the run could mask).
+    # A random ranking of all real items (n_items counts the padding id) puts the target in the
+    # top 10 with probability 10 / (n_items - 1). Full ranking masks each user's history, which
+    # raises that by about 10% on this slice (~100 of ~900 items): far inside the factor of 3.
     random_hit = 10 / (n_items - 1)
     assert table["hit@10"][1] > 3 * random_hit, (table, n_items)
     assert "epoch 2 training" in output
@@ -82,8 +81,7 @@ def test_cli_trains_and_beats_random_ranking(model, tiny_ml100k, tmp_path):
 
 
 @pytest.mark.slow
-def test_python_api_runs_and_reports(tiny_ml100k, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def test_python_api_runs_and_reports(tiny_ml100k, tmp_path):
     data_path, name = tiny_ml100k
     result = run("Mamba4Rec", name, config_dict={**FAST_SETTINGS, "data_path": data_path, "epochs": 1})
     assert set(result["test_result"]) == {"hit@10", "ndcg@10", "mrr@10"}

@@ -87,14 +87,13 @@ class Mamba4Rec(SequentialRecommender):
             module.bias.data.zero_()
 
     def forward(self, item_seq, item_seq_len):
-        # The model is causal and RecBole pads on the right, so the columns after the batch's
-        # longest sequence cannot change any output: skip them (short-history data such as the
-        # Amazon sets is mostly padding at MAX_ITEM_LIST_LENGTH 50).
+        # RecBole pads on the right, so the last real item is at item_seq_len - 1, and, the model
+        # being causal, the columns after the batch's longest sequence cannot change any output:
+        # skip them (short-history data such as the Amazon sets is mostly padding at length 50).
         item_seq = item_seq[:, : int(item_seq_len.max())]
         hidden = self.LayerNorm(self.dropout(self.item_embedding(item_seq)))
         for layer in self.mamba_layers:
             hidden = layer(hidden)
-        # RecBole pads on the right, so the last real item is at item_seq_len - 1.
         return self.gather_indexes(hidden, item_seq_len - 1)
 
     def calculate_loss(self, interaction):
