@@ -37,9 +37,14 @@ def twin_mixers(seed=0, d_model=64, d_state=32):
     return fast, slow
 
 
-@pytest.mark.parametrize("length", [1, 7, 200, 2048])
-def test_cuda_and_torch_backends_agree_fp32(cuda_backend, length):
+@pytest.mark.parametrize(
+    "length, fused",
+    # fused: mamba_inner_fn with causal-conv1d; not fused: what runs without causal-conv1d
+    [(1, True), (7, True), (200, True), (2048, True), (7, False), (200, False)],
+)
+def test_cuda_and_torch_backends_agree_fp32(cuda_backend, length, fused):
     fast, slow = twin_mixers()
+    fast._kernels = {**fast._kernels, "fused": fused}
     batch = 4 if length <= 200 else 2
     x = torch.randn(batch, length, 64, device="cuda")
     grad_out = torch.randn(batch, length, 64, device="cuda")

@@ -142,12 +142,16 @@ class MambaMixer(nn.Module):
         return delta, B.transpose(1, 2), C.transpose(1, 2)
 
     def _forward_torch(self, hidden_states):
+        return self._forward_unfused(hidden_states, selective_scan)
+
+    def _forward_unfused(self, hidden_states, scan):
+        """in_proj -> causal conv -> ``scan`` (selective_scan_fn's arguments) -> out_proj, step by step."""
         length = hidden_states.shape[1]
         xz = self.in_proj(hidden_states).transpose(1, 2)  # (b, 2 * d_inner, l)
         x, z = xz.chunk(2, dim=1)
         x = F.silu(self.conv1d(x)[..., :length])
         delta, B, C = self._scan_inputs(x)
-        y = selective_scan(
+        y = scan(
             x,
             delta,
             -torch.exp(self.A_log.float()),
@@ -161,37 +165,29 @@ class MambaMixer(nn.Module):
         return self.out_proj(y.transpose(1, 2))
 
     def _forward_cuda(self, hidden_states):
-        length = hidden_states.shape[1]
-        A = -torch.exp(self.A_log.float())
-        xz = self.in_proj(hidden_states).transpose(1, 2)
-        if self._kernels["fused"]:
-            return self._kernels["mamba_inner_fn"](
-                xz,
-                self.conv1d.weight,
-                self.conv1d.bias,
-                self.x_proj.weight,
-                self.dt_proj.weight,
-                self.out_proj.weight,
-                self.out_proj.bias,
-                A,
-                None,
-                None,
-                self.D.float(),
-                delta_bias=self.dt_proj.bias.float(),
-                delta_softplus=True,
-            )
-        x, z = xz.chunk(2, dim=1)
-        x = F.silu(self.conv1d(x)[..., :length])
-        delta, B, C = self._scan_inputs(x)
-        y = self._kernels["selective_scan_fn"](
-            x.contiguous(),
-            delta.contiguous(),
-            A,
-            B.contiguous(),
-            C.contiguous(),
+        if not self._kernels["fused"]:  # no causal-conv1d: a plain Conv1d, then mamba-ssm's CUDA scan
+            return self._forward_unfused(hidden_states, _contiguous_inputs(self._kernels["selective_scan_fn"]))
+        return self._kernels["mamba_inner_fn"](
+            self.in_proj(hidden_states).transpose(1, 2),
+            self.conv1d.weight,
+            self.conv1d.bias,
+            self.x_proj.weight,
+            self.dt_proj.weight,
+            self.out_proj.weight,
+            self.out_proj.bias,
+            -torch.exp(self.A_log.float()),
+            None,
+            None,
             self.D.float(),
-            z=z.contiguous(),
             delta_bias=self.dt_proj.bias.float(),
             delta_softplus=True,
         )
-        return self.out_proj(y.transpose(1, 2))
+
+
+def _contiguous_inputs(scan):
+    """``scan`` with its tensor arguments made contiguous, as mamba-ssm's CUDA kernel needs."""
+
+    def call(*tensors, z, **kwargs):
+        return scan(*(t.contiguous() for t in tensors), z=z.contiguous(), **kwargs)
+
+    return call
