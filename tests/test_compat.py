@@ -1,4 +1,4 @@
-"""RecBole 1.2.1 on numpy 2, torch >= 2.6 and pandas 2: the fixes in recbole_mamba.compat."""
+"""RecBole 1.2.1 on numpy 2, torch >= 2.6 and pandas 2 or 3: the fixes in recbole_mamba.compat."""
 
 import http.server
 import importlib.util
