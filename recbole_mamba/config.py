@@ -24,6 +24,7 @@ from recbole.utils import ModelType
 
 from recbole_mamba import compat
 from recbole_mamba.errors import UserInputError
+from recbole_mamba.trainer import amp_dtype
 
 # Plugin models: name -> module that defines a class of that name.
 PLUGIN_MODELS = {
@@ -209,6 +210,7 @@ class Config(RecBoleConfig):
                     f"MAX_ITEM_LIST_LENGTH must be an integer >= 2 (the history length a model sees), "
                     f"got {length!r}."
                 )
+        amp_dtype(self)  # raises on a dtype autocast cannot use
         check = getattr(self.model_class, "check_config", None)
         if check is not None:
             check(self)

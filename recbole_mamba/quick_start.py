@@ -9,11 +9,12 @@ import sys
 
 from recbole.data import create_dataset, data_preparation
 from recbole.data.transform import construct_transform
-from recbole.utils import get_environment, get_flops, get_trainer, init_logger, init_seed, set_color
+from recbole.utils import get_environment, get_flops, init_logger, init_seed, set_color
 
 from recbole_mamba.checkpoint import load_checkpoint
 from recbole_mamba.config import Config, get_model
 from recbole_mamba.data.checks import check_dataset_files
+from recbole_mamba.trainer import get_trainer
 
 
 def create_config(model=None, dataset=None, config_file_list=None, config_dict=None, cmd_args=()):
@@ -83,7 +84,7 @@ def run(model=None, dataset=None, config_file_list=None, config_dict=None, cmd_a
     flops = get_flops(recommender, data, config["device"], logger, transform)
     logger.info(set_color("FLOPs", "blue") + f": {flops}")
 
-    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, recommender)
+    trainer = get_trainer(config)(config, recommender)
     best_valid_score, best_valid_result = trainer.fit(
         train_data, valid_data, saved=saved, show_progress=config["show_progress"]
     )

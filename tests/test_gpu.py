@@ -7,8 +7,11 @@ import copy
 
 import pytest
 import torch
+from recbole.utils.case_study import full_sort_topk
 
 from recbole_mamba.nn.mamba_mixer import MambaMixer, resolve_backend
+from recbole_mamba.quick_start import load_data_and_model, run
+from tests.conftest import FAST_SETTINGS
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -40,25 +43,40 @@ def twin_mixers(seed=0, d_model=64, d_state=32):
 @pytest.mark.parametrize(
     "length, fused",
     # fused: mamba_inner_fn with causal-conv1d; not fused: what runs without causal-conv1d
-    [(1, True), (7, True), (200, True), (2048, True), (7, False), (200, False)],
+    [(1, True), (7, True), (200, True), (2048, True), (8192, True), (7, False), (200, False)],
 )
 def test_cuda_and_torch_backends_agree_fp32(cuda_backend, length, fused):
     fast, slow = twin_mixers()
     fast._kernels = {**fast._kernels, "fused": fused}
+    assert_backends_agree(fast, slow, length, tolerance=1e-4)
+
+
+@pytest.mark.parametrize("length", [1, 7, 200, 2048, 8192])
+def test_cuda_and_torch_backends_agree_bf16_autocast(cuda_backend, length):
+    fast, slow = twin_mixers()
+    assert_backends_agree(fast, slow, length, tolerance=1e-2, autocast_dtype=torch.bfloat16)
+
+
+def assert_backends_agree(fast, slow, length, tolerance, autocast_dtype=None):
+    """Same input and output gradient through both mixers: output, input grad, every parameter grad."""
     batch = 4 if length <= 200 else 2
     x = torch.randn(batch, length, 64, device="cuda")
     grad_out = torch.randn(batch, length, 64, device="cuda")
     outputs = {}
     for name, mixer in (("cuda", fast), ("torch", slow)):
         xi = x.clone().requires_grad_(True)
-        y = mixer(xi)
-        y.backward(grad_out)
+        with torch.autocast("cuda", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            y = mixer(xi)
+        if autocast_dtype is not None:
+            assert y.dtype == autocast_dtype, name  # autocast really was in effect
+        y.backward(grad_out.to(y.dtype))
         grads = {n: p.grad.clone() for n, p in mixer.named_parameters()}
+        assert all(g.dtype == torch.float32 for g in grads.values()), name  # fp32 master parameters
         outputs[name] = (y.detach(), xi.grad, grads)
-    assert relative_error(outputs["cuda"][0], outputs["torch"][0]) < 1e-4
-    assert relative_error(outputs["cuda"][1], outputs["torch"][1]) < 1e-4
+    assert relative_error(outputs["cuda"][0], outputs["torch"][0]) < tolerance
+    assert relative_error(outputs["cuda"][1], outputs["torch"][1]) < tolerance
     for name in outputs["torch"][2]:
-        assert relative_error(outputs["cuda"][2][name], outputs["torch"][2][name]) < 1e-4, name
+        assert relative_error(outputs["cuda"][2][name], outputs["torch"][2][name]) < tolerance, name
 
 
 def test_state_dict_moves_to_cpu_torch_backend(cuda_backend):
@@ -74,3 +92,21 @@ def test_cuda_backend_refuses_cpu_tensors(cuda_backend):
     fast, _ = twin_mixers()
     with pytest.raises(RuntimeError, match="mamba_backend=torch"):
         fast.cpu()(torch.randn(1, 3, 64))
+
+
+def test_gpu_trained_checkpoint_ranks_the_same_on_the_cpu(cuda_backend, tiny_ml100k):
+    """Train with the cuda backend, reload the checkpoint on the CPU (torch backend): same top-10 per test user."""
+    data_path, name = tiny_ml100k
+    settings = {**FAST_SETTINGS, "data_path": data_path, "epochs": 5, "mamba_backend": "auto"}
+    model_file = run("Mamba4Rec", name, config_dict=settings)["model_file"]
+
+    rankings = {}
+    for device in ("cuda", "cpu"):
+        _, model, _, _, _, test_data = load_data_and_model(model_file, map_location=device)
+        assert model.backend == ("cuda" if device == "cuda" else "torch")
+        users = test_data.dataset.inter_feat[test_data.dataset.uid_field].numpy()
+        scores, items = full_sort_topk(users, model, test_data, k=10, device=torch.device(device))
+        rankings[device] = (scores.cpu(), items.cpu())
+    assert len(users) == 100
+    assert torch.equal(rankings["cuda"][1], rankings["cpu"][1])
+    assert relative_error(rankings["cuda"][0], rankings["cpu"][0]) < 1e-4
