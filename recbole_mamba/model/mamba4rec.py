@@ -90,7 +90,9 @@ class Mamba4Rec(SequentialRecommender):
         # RecBole pads on the right, so the last real item is at item_seq_len - 1, and, the model
         # being causal, the columns after the batch's longest sequence cannot change any output:
         # skip them (short-history data such as the Amazon sets is mostly padding at length 50).
-        item_seq = item_seq[:, : int(item_seq_len.max())]
+        # Not on a GPU: reading the maximum there waits for all queued work (a host-device sync).
+        if not item_seq.is_cuda:
+            item_seq = item_seq[:, : int(item_seq_len.max())]
         hidden = self.LayerNorm(self.dropout(self.item_embedding(item_seq)))
         for layer in self.mamba_layers:
             hidden = layer(hidden)

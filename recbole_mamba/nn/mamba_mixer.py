@@ -149,7 +149,10 @@ class MambaMixer(nn.Module):
         length = hidden_states.shape[1]
         xz = self.in_proj(hidden_states).transpose(1, 2)  # (b, 2 * d_inner, l)
         x, z = xz.chunk(2, dim=1)
-        x = F.silu(self.conv1d(x)[..., :length])
+        # As causal-conv1d inside mamba_inner_fn: float32 weights and arithmetic, output in x's
+        # dtype, so that under autocast both backends round at the same places.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = F.silu(self.conv1d(x.float())[..., :length]).to(x.dtype)
         delta, B, C = self._scan_inputs(x)
         y = scan(
             x,
@@ -167,8 +170,13 @@ class MambaMixer(nn.Module):
     def _forward_cuda(self, hidden_states):
         if not self._kernels["fused"]:  # no causal-conv1d: a plain Conv1d, then mamba-ssm's CUDA scan
             return self._forward_unfused(hidden_states, _contiguous_inputs(self._kernels["selective_scan_fn"]))
+        # xz as mamba-ssm's Mamba computes it: (2 * d_inner, batch * length) reshaped to
+        # (batch, 2 * d_inner, length) with length contiguous, so mamba_inner_fn needs no copy and
+        # its gradient comes back in the layout in_proj's backward GEMMs read directly.
+        batch, length, _ = hidden_states.shape
+        xz = (self.in_proj.weight @ hidden_states.reshape(batch * length, -1).t()).view(-1, batch, length)
         return self._kernels["mamba_inner_fn"](
-            self.in_proj(hidden_states).transpose(1, 2),
+            xz.permute(1, 0, 2),
             self.conv1d.weight,
             self.conv1d.bias,
             self.x_proj.weight,
