@@ -35,7 +35,8 @@ def _cpu_name():
 
 def _git_revision():
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+        # "-dirty" when the working tree differs from the commit.
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True, text=True,
                              cwd=Path(__file__).resolve().parent, timeout=10)
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
