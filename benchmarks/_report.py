@@ -12,7 +12,9 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# Where results go: benchmarks/results, or the folder named by $BENCHMARK_RESULTS (e.g. on a
+# machine that only hands back one output folder).
+RESULTS = Path(os.environ.get("BENCHMARK_RESULTS") or Path(__file__).resolve().parent / "results")
 
 
 def _version(package):

@@ -306,7 +306,7 @@ def main():
     parser.add_argument("--runs", nargs="*", default=DEFAULT_RUNS, help="Model or Model[key=value,...]")
     parser.add_argument("--warmup_steps", type=int, default=20)
     parser.add_argument("--sweep_steps", type=int, default=10, help="timed steps per sweep point")
-    parser.add_argument("--parts", default="epoch,sweep", help="comma-separated: epoch, sweep, profile")
+    parser.add_argument("--parts", default="epoch,sweep", help="comma-separated, run in this order: epoch, sweep, profile")
     parser.add_argument("--profile_runs", nargs="*", default=["Mamba4Rec"])
     parser.add_argument("--name", default=NAME, help="results file name (without extension)")
     parser.add_argument("--plot", action="store_true", help="only redraw the PNG from results/<name>.json")
@@ -320,8 +320,11 @@ def main():
         return
     if not ON_GPU:
         print("no CUDA GPU: running as a smoke test; the numbers mean nothing", flush=True)
-    parts = set(args.parts.split(","))
-    if parts & {"epoch", "profile"} and not args.data_path:
+    parts = args.parts.split(",")
+    unknown = set(parts) - {"epoch", "profile", "sweep"}
+    if unknown:
+        raise SystemExit(f"unknown --parts {sorted(unknown)}: use epoch, profile, sweep")
+    if set(parts) & {"epoch", "profile"} and not args.data_path:
         raise SystemExit("--data_path is needed for the epoch and profile parts")
 
     env = _report.environment()
@@ -343,8 +346,9 @@ def main():
             "optimizer state included."))
 
     shared = SharedData()
-    with tempfile.TemporaryDirectory() as checkpoint_dir:
-        if "epoch" in parts:
+    checkpoint_dir = tempfile.mkdtemp()  # RecBole's Trainer wants one; nothing is saved in it
+    for part in parts:  # in the order given
+        if part == "epoch":
             for spec in args.runs:
                 row = {"run": spec}
                 try:
@@ -352,6 +356,7 @@ def main():
                         spec, args.dataset, args.data_path, checkpoint_dir, shared)
                     row["parameters"] = count_trainable_parameters(trainer.model)
                     row["backend"] = getattr(trainer.model, "backend", None)
+                    row["anomaly_detection"] = torch.is_anomaly_enabled()
                     row.update(time_epoch(trainer, train_data, valid_data, args.warmup_steps))
                     del trainer, train_data, valid_data
                 except torch.OutOfMemoryError:
@@ -360,7 +365,7 @@ def main():
                 results["epoch"].append(row)
                 print(row, flush=True)
                 write()
-        if "profile" in parts:
+        elif part == "profile":
             profiles = []
             for spec in args.profile_runs:
                 config, trainer, train_data, _ = build(spec, args.dataset, args.data_path,
@@ -373,11 +378,11 @@ def main():
                 del trainer, train_data
                 free_gpu()
                 write()
-            (_report.RESULTS / f"{args.name}_profile.txt").write_text("\n\n".join(profiles) + "\n")
-    if "sweep" in parts:
-        run_sweep(results["sweep"], args.sweep_steps, write,
-                  [int(v) for v in args.sweep_lengths.split(",")], args.sweep_tokens)
-        plot_sweep(results["sweep"], png)
+                (_report.RESULTS / f"{args.name}_profile.txt").write_text("\n\n".join(profiles) + "\n")
+        elif part == "sweep":
+            run_sweep(results["sweep"], args.sweep_steps, write,
+                      [int(v) for v in args.sweep_lengths.split(",")], args.sweep_tokens)
+            plot_sweep(results["sweep"], png)
     write()
 
 

@@ -25,6 +25,12 @@ process that imports the plugin, a Ray worker included, gets it).
    ``Series.agg(len)`` the length of the whole Series instead of each cell's, which RecBole uses to
    split token_seq and float_seq fields back into rows after remapping, normalising or bucketing:
    while those three methods run, ``agg(len)`` keeps its pandas 2 meaning. Works on pandas 2 and 3.
+5. Importing RecBole's sequential models switches autograd's anomaly detection on for the whole
+   process (``sequential_recommender/sine.py`` calls ``torch.autograd.set_detect_anomaly(True)``
+   at import), and ``recbole.utils.get_model`` imports them for any sequential model. Anomaly
+   mode checks every gradient for NaN with a host-device sync: on an H100 it made a Mamba4Rec
+   epoch on ml-1m 1.4x slower. The package is imported once here, and the anomaly setting the
+   process had before is put back.
 """
 
 import os
@@ -51,6 +57,7 @@ def apply():
     _patch_cellwise_len_for_pandas_3()
     allow_checkpoint_classes()
     _quiet_recbole_deprecation_warnings()
+    _import_sequential_models_without_anomaly_mode()
     _applied = True
 
 
@@ -188,6 +195,16 @@ def _quiet_recbole_deprecation_warnings():
     warnings.filterwarnings("ignore", message=r"pkg_resources is deprecated", category=UserWarning)
     # pandas 3 warns about the chained in-place fillna that item 4 below makes unnecessary.
     warnings.filterwarnings("ignore", message=r"A value is being set on a copy", module=r"recbole\.")
+
+
+# 5. anomaly detection -----------------------------------------------------------------------------
+
+
+def _import_sequential_models_without_anomaly_mode():
+    enabled = torch.is_anomaly_enabled()
+    import recbole.model.sequential_recommender  # noqa: F401  (sine.py switches anomaly mode on)
+
+    torch.autograd.set_detect_anomaly(enabled)
 
 
 # 4. pandas 3 --------------------------------------------------------------------------------------

@@ -211,3 +211,27 @@ def test_single_process_download_needs_no_process_group(tiny_ml100k, tmp_path, m
     assert dataset.inter_num > 0
     assert (tmp_path / "served" / "served.inter").is_file()
     assert not list((tmp_path / "served").glob("*.zip"))
+
+
+def _anomaly_mode_after_import(enable_first):
+    code = (
+        "import torch\n"
+        f"torch.autograd.set_detect_anomaly({enable_first})\n"
+        "import recbole_mamba\n"
+        "from recbole_mamba.config import get_model\n"
+        "get_model('SASRec')\n"
+        "import recbole.model.sequential_recommender.sine\n"
+        "print(torch.is_anomaly_enabled())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip().splitlines()[-1]
+
+
+def test_recbole_models_do_not_switch_on_anomaly_detection():
+    # RecBole's sine.py turns it on at import; it slows every backward pass with a sync per gradient.
+    assert _anomaly_mode_after_import(False) == "False"
+
+
+def test_anomaly_detection_a_user_switched_on_stays_on():
+    assert _anomaly_mode_after_import(True) == "True"
