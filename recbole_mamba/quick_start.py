@@ -103,15 +103,17 @@ def run(model=None, dataset=None, config_file_list=None, config_dict=None, cmd_a
     }
 
 
-def load_data_and_model(model_file, map_location=None):
+def load_data_and_model(model_file, map_location=None, trust_checkpoint=False):
     """Rebuild config, data and trained model from a checkpoint, as RecBole's function of that name.
 
-    The checkpoint is read with ``weights_only=True`` (see :mod:`recbole_mamba.checkpoint`).
+    The checkpoint is read with ``weights_only=True`` and an allow-list (see
+    :mod:`recbole_mamba.checkpoint`); ``trust_checkpoint=True`` unpickles it without those checks,
+    for old checkpoints you made yourself.
 
     Returns:
         (config, model, dataset, train_data, valid_data, test_data)
     """
-    checkpoint = load_checkpoint(model_file, map_location="cpu")
+    checkpoint = load_checkpoint(model_file, map_location="cpu", trust=trust_checkpoint)
     config = checkpoint["config"]
     if map_location is not None:
         config["device"] = map_location
