@@ -5,6 +5,7 @@
     python run_recbole_mamba.py          # Mamba4Rec on RecBole's bundled ml-100k, 1 epoch, a few minutes on a CPU
 
 Any RecBole setting can be given as --key=value; --config_files takes space-separated YAML files.
+--resume=saved/<run>-last.pth continues an interrupted run (give the same settings as before).
 Exit status: 0 on success, 2 for bad input (the message says what to change), 1 for other failures.
 """
 

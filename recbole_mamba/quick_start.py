@@ -9,17 +9,20 @@ import sys
 
 from recbole.data import create_dataset, data_preparation
 from recbole.data.transform import construct_transform
-from recbole.utils import get_environment, get_flops, get_trainer, init_logger, init_seed, set_color
+from recbole.utils import get_environment, get_flops, init_logger, init_seed, set_color
 
 from recbole_mamba.checkpoint import load_checkpoint
 from recbole_mamba.config import Config, get_model
 from recbole_mamba.data.checks import check_dataset_files
+from recbole_mamba.trainer import get_trainer, read_resume_checkpoint
 
 
 def create_config(model=None, dataset=None, config_file_list=None, config_dict=None, cmd_args=()):
     """Build and check a :class:`~recbole_mamba.config.Config`; raises ``UserInputError`` on bad input."""
     config = Config(model, dataset, config_file_list, config_dict, cmd_args)
     check_dataset_files(config)
+    if config["resume"]:
+        read_resume_checkpoint(config["resume"], config)
     return config
 
 
@@ -57,11 +60,14 @@ def run(model=None, dataset=None, config_file_list=None, config_dict=None, cmd_a
         config_file_list: YAML files with settings.
         config_dict: settings as a dict (overrides the files).
         cmd_args: ``--key=value`` strings (override everything else).
-        saved: keep the best checkpoint and evaluate it on the test split.
+        saved: keep the best checkpoint (and the resumable '-last.pth' one) and evaluate the best
+            model on the test split. ``config_dict={"resume": path}`` continues an interrupted run
+            from its '-last.pth' checkpoint.
 
     Returns:
         dict with ``best_valid_score``, ``valid_score_bigger``, ``best_valid_result``,
-        ``test_result``, ``model_file`` and ``trainable_parameters``.
+        ``test_result``, ``model_file``, ``last_model_file`` (the resumable checkpoint) and
+        ``trainable_parameters``.
     """
     config = create_config(model, dataset, config_file_list, config_dict, cmd_args)
 
@@ -83,7 +89,9 @@ def run(model=None, dataset=None, config_file_list=None, config_dict=None, cmd_a
     flops = get_flops(recommender, data, config["device"], logger, transform)
     logger.info(set_color("FLOPs", "blue") + f": {flops}")
 
-    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, recommender)
+    trainer = get_trainer(config)(config, recommender)
+    if config["resume"]:
+        trainer.resume_checkpoint(config["resume"])
     best_valid_score, best_valid_result = trainer.fit(
         train_data, valid_data, saved=saved, show_progress=config["show_progress"]
     )
@@ -99,6 +107,7 @@ def run(model=None, dataset=None, config_file_list=None, config_dict=None, cmd_a
         "best_valid_result": best_valid_result,
         "test_result": test_result,
         "model_file": trainer.saved_model_file if saved else None,
+        "last_model_file": getattr(trainer, "last_model_file", None) if saved else None,
         "trainable_parameters": n_params,
     }
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from recbole.config.configurator import Config as RecBoleConfig
 
+import run_recbole_mamba
 from recbole_mamba import run
 from recbole_mamba.checkpoint import CheckpointError, UnsafeCheckpointError, _called_globals, load_checkpoint
 from recbole_mamba.quick_start import load_data_and_model
@@ -17,7 +18,7 @@ from tests.conftest import FAST_SETTINGS, TINY_MAMBA
 
 @pytest.fixture(scope="module")
 def trained(few_users_ml100k, tmp_path_factory):
-    """One short real run: its best-model checkpoint, and its settings."""
+    """One short real run: its best-model and '-last.pth' checkpoints, and its settings."""
     data_path, name = few_users_ml100k
     workdir = tmp_path_factory.mktemp("trained")
     settings = {**FAST_SETTINGS, **TINY_MAMBA, "data_path": data_path, "epochs": 1,
@@ -62,10 +63,14 @@ def poisoned_copy(checkpoint_file, tmp_path, payload):
 def test_plugin_checkpoints_load_safely(trained):
     result, _, _ = trained
     best = load_checkpoint(result["model_file"])
-    assert set(best) >= {"config", "state_dict", "optimizer", "epoch"} and best["epoch"] == 0
+    last = load_checkpoint(result["last_model_file"])
+    assert set(best) >= {"config", "state_dict", "optimizer", "epoch"}
+    assert last["epoch"] == 0 and "resume" in last
+    for name, tensor in best["state_dict"].items():
+        torch.testing.assert_close(tensor, last["state_dict"][name], rtol=0, atol=0)  # one epoch: same model
 
 
-def test_checkpoint_that_runs_a_command_is_refused_everywhere(trained, tmp_path):
+def test_checkpoint_that_runs_a_command_is_refused_everywhere(trained, tmp_path, capsys, monkeypatch):
     result, name, settings = trained
     marker = tmp_path / "marker"
     evil = poisoned_copy(result["model_file"], tmp_path, RunsCommand(f"touch {marker}"))
@@ -78,20 +83,33 @@ def test_checkpoint_that_runs_a_command_is_refused_everywhere(trained, tmp_path)
     with pytest.raises(pickle.UnpicklingError):
         torch.load(evil)  # RecBole's own torch.load, under the allow-list compat registers
 
-    # RecBole's Trainer: its reload of the best model and its resume, which it does with torch.load.
+    # The trainers' reload of the best model and their resume, which RecBole does with torch.load:
+    # RecBole's own Trainer, and the plugin's resumable one.
     from recbole.data import create_dataset, data_preparation
     from recbole.trainer import Trainer
 
     from recbole_mamba.config import Config
     from recbole_mamba.model import Mamba4Rec
+    from recbole_mamba.trainer import get_trainer
 
     config = Config("Mamba4Rec", name, config_dict={**settings, "checkpoint_dir": str(tmp_path)})
     _, _, test_data = data_preparation(config, create_dataset(config))
-    trainer = Trainer(config, Mamba4Rec(config, test_data._dataset))
-    with pytest.raises(UnsafeCheckpointError):
-        trainer.evaluate(test_data, load_best_model=True, model_file=str(evil))
-    with pytest.raises(UnsafeCheckpointError):
-        trainer.resume_checkpoint(evil)
+    for trainer_class in (Trainer, get_trainer(config)):
+        trainer = trainer_class(config, Mamba4Rec(config, test_data._dataset))
+        with pytest.raises(UnsafeCheckpointError):
+            trainer.evaluate(test_data, load_best_model=True, model_file=str(evil))
+        with pytest.raises(UnsafeCheckpointError):
+            trainer.resume_checkpoint(evil)
+
+    # The command line, resuming from it: one paragraph, exit 2, nothing written.
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    cli = [f"--{key}={value}" for key, value in settings.items()]
+    status = run_recbole_mamba.main(["--model=Mamba4Rec", f"--dataset={name}", *cli, f"--resume={evil}"])
+    err = capsys.readouterr().err
+    assert status == 2 and "Refusing to load checkpoint" in err and "Traceback" not in err
+    assert list(workdir.iterdir()) == []
     assert not marker.exists()
 
 
@@ -119,7 +137,7 @@ def _data_pkl(path):
 
 def test_genuine_checkpoint_calls_nothing_but_tensor_rebuilders(trained):
     result, _, _ = trained
-    called = set(_called_globals(_data_pkl(result["model_file"])))
+    called = set(_called_globals(_data_pkl(result["last_model_file"])))
     assert called, "the scan must see the calls that rebuild tensors"
     assert all(name.startswith(("torch.", "collections.", "recbole.utils.enum_type.")) for name in called), called
 
