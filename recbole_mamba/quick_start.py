@@ -14,6 +14,7 @@ from recbole.utils import get_environment, get_flops, init_logger, init_seed, se
 from recbole_mamba.checkpoint import load_checkpoint
 from recbole_mamba.config import Config, get_model
 from recbole_mamba.data.checks import check_dataset_files
+from recbole_mamba.provenance import describe_run
 from recbole_mamba.trainer import get_trainer, read_resume_checkpoint
 
 
@@ -75,6 +76,7 @@ def run(model=None, dataset=None, config_file_list=None, config_dict=None, cmd_a
     logger = _init_logging(config)
     logger.info(sys.argv)
     logger.info(config)
+    logger.info(describe_run(config))
 
     data = create_dataset(config)
     logger.info(data)
