@@ -7,13 +7,13 @@ same code. All input checks run before anything is written (log folder, checkpoi
 import logging
 import sys
 
-from recbole.data import create_dataset, data_preparation
 from recbole.data.transform import construct_transform
 from recbole.utils import get_environment, get_flops, init_logger, init_seed, set_color
 
 from recbole_mamba.checkpoint import load_checkpoint
 from recbole_mamba.config import Config, get_model
 from recbole_mamba.data.checks import check_dataset_files
+from recbole_mamba.data.loading import load_dataset, prepare_dataloaders
 from recbole_mamba.provenance import describe_run
 from recbole_mamba.trainer import get_trainer, read_resume_checkpoint
 
@@ -78,9 +78,9 @@ def run(model=None, dataset=None, config_file_list=None, config_dict=None, cmd_a
     logger.info(config)
     logger.info(describe_run(config))
 
-    data = create_dataset(config)
+    data = load_dataset(config)
     logger.info(data)
-    train_data, valid_data, test_data = data_preparation(config, data)
+    train_data, valid_data, test_data = prepare_dataloaders(config, data)
 
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
     recommender = config.model_class(config, train_data._dataset).to(config["device"])
@@ -129,8 +129,8 @@ def load_data_and_model(model_file, map_location=None, trust_checkpoint=False):
     if map_location is not None:
         config["device"] = map_location
     init_seed(config["seed"], config["reproducibility"])
-    data = create_dataset(config)
-    train_data, valid_data, test_data = data_preparation(config, data)
+    data = load_dataset(config)
+    train_data, valid_data, test_data = prepare_dataloaders(config, data)
     init_seed(config["seed"], config["reproducibility"])
     model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
     model.load_state_dict(checkpoint["state_dict"])
