@@ -37,7 +37,7 @@ def parse_args(argv):
 def main(argv=None):
     args, settings = parse_args(sys.argv[1:] if argv is None else argv)
     from recbole_mamba import run
-    from recbole_mamba.errors import UserInputError
+    from recbole_mamba.errors import DownloadError, UserInputError
 
     config_files = args.config_files.split() if args.config_files else None
     try:
@@ -45,6 +45,9 @@ def main(argv=None):
     except UserInputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except DownloadError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -19,7 +19,10 @@ process that imports the plugin, a Ray worker included, gets it).
    go through :func:`recbole_mamba.checkpoint.load_checkpoint`, which also refuses a pickle that
    calls an allowed class, and honours the ``trust_checkpoint`` setting.
 3. ``Dataset._download`` calls ``torch.distributed.barrier()`` even in a single process, which
-   raises there: the barrier now runs only when a process group exists.
+   raises there, and leaves a half-downloaded archive or dataset folder behind when the download
+   fails, which later runs then trust. A single process now downloads with
+   :func:`recbole_mamba.data.download.download_dataset` (everything in a temporary folder, renamed
+   into place only when complete); with a process group, RecBole's own code runs.
 4. pandas 3 (copy-on-write) silently ignores RecBole's chained in-place ``df[field].fillna(...,
    inplace=True)``: missing token and float values stay NaN, and empty token_seq cells crash the
    sequence split. ``Dataset._fill_nan`` is replaced by the same logic written as assignments, and
@@ -47,7 +50,7 @@ def apply():
         return
     _add_numpy_aliases()
     _patch_config_compatibility_settings()
-    _patch_lone_download_barrier()
+    _patch_download()
     _patch_save_checkpoint()
     _patch_checkpoint_loading()
     _patch_fill_nan()
@@ -212,7 +215,7 @@ def _load(path, device, config):
 # 3. single-process download ----------------------------------------------------------------------
 
 
-def _patch_lone_download_barrier():
+def _patch_download():
     from recbole.data.dataset import dataset as dataset_module
 
     original_download = dataset_module.Dataset._download
@@ -220,18 +223,15 @@ def _patch_lone_download_barrier():
     def _download(self):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             return original_download(self)
-        # RecBole's own steps, without the barrier that only a process group can pass.
+        from recbole_mamba.data.checks import check_atomic_files
+        from recbole_mamba.data.download import download_dataset
+
         url = self._get_download_url("url")
         self.logger.info(f"Prepare to download dataset [{self.dataset_name}] from [{url}].")
-        if not dataset_module.decide_download(url):
-            raise RuntimeError(f"Download of dataset [{self.dataset_name}] cancelled.")
-        dataset_module.makedirs(self.dataset_path)
-        path = dataset_module.download_url(url, self.dataset_path)
-        dataset_module.extract_zip(path, self.dataset_path)
-        os.unlink(path)
-        basename = os.path.splitext(os.path.basename(path))[0]
-        dataset_module.rename_atomic_files(self.dataset_path, basename, self.dataset_name)
-        self.logger.info("Downloading done.")
+        download_dataset(
+            url, self.dataset_path, self.dataset_name, self.logger,
+            check=lambda folder: check_atomic_files(self.config, folder),
+        )
 
     dataset_module.Dataset._download = _download
 
