@@ -1,11 +1,12 @@
-"""Training that survives a crash: a 'last' checkpoint per run, and resuming from it exactly.
+"""RecBole's Trainer with what the plugin adds to it, and the choice of trainer for a model.
 
-RecBole keeps one checkpoint per run, written when the validation score improves, and its
-``resume_checkpoint`` restores the model, the optimizer and the epoch counters, but not the random
-number generators or the order in which the dataloaders shuffle. A run resumed from it therefore
-continues differently from the run that was interrupted, and loses every epoch after the best one.
+What it adds: training that survives a crash. RecBole keeps one checkpoint per run, written when
+the validation score improves, and its ``resume_checkpoint`` restores the model, the optimizer and
+the epoch counters, but not the random number generators or the order in which the dataloaders
+shuffle. A run resumed from it therefore continues differently from the run that was interrupted,
+and loses every epoch after the best one.
 
-:class:`ResumableTraining` adds to any RecBole ``Trainer``:
+:class:`ResumableTraining` (mixed into the plugin's :class:`Trainer`) adds:
 
 - ``<best-model file>-last.pth``, written atomically at the end of every epoch (after its validation
   and early-stopping step), holding RecBole's checkpoint entries plus the best validation result,
@@ -14,6 +15,9 @@ continues differently from the run that was interrupted, and loses every epoch a
 - ``resume_checkpoint(last_file)``, which restores all of that, so that a run killed at any point
   and resumed ends with exactly the metrics of a run that was never interrupted (on the same
   machine, with the same settings).
+
+RecBole's model-specific trainers (pre-training, knowledge graphs, ...) are used as they are; they
+resume as RecBole does.
 """
 
 import logging
@@ -23,7 +27,7 @@ import random
 import numpy as np
 import torch
 from recbole.trainer import Trainer as RecBoleTrainer
-from recbole.utils import get_trainer as get_recbole_trainer
+from recbole.utils import get_trainer as recbole_get_trainer
 from recbole.utils import set_color
 
 from recbole_mamba import compat
@@ -42,7 +46,7 @@ def last_checkpoint_path(best_model_file):
 
 
 class ResumableTraining:
-    """Mixin for a RecBole ``Trainer`` (see the module docstring); use :func:`get_trainer`."""
+    """Mixin for a RecBole ``Trainer``: the resumable '-last.pth' checkpoint (see the module docstring)."""
 
     def __init__(self, config, model):
         super().__init__(config, model)
@@ -154,12 +158,14 @@ def read_resume_checkpoint(path, config, map_location="cpu"):
     return checkpoint
 
 
+class Trainer(ResumableTraining, RecBoleTrainer):
+    """RecBole's Trainer, with a resumable '-last.pth' checkpoint after every epoch."""
+
+
 def get_trainer(config):
-    """RecBole's trainer class for ``config``'s model, with :class:`ResumableTraining` mixed in."""
-    base = get_recbole_trainer(config["MODEL_TYPE"], config["model"])
-    if not issubclass(base, RecBoleTrainer):  # e.g. the decision-tree trainers: no epochs to resume
-        return base
-    return type(f"Resumable{base.__name__}", (ResumableTraining, base), {})
+    """The trainer class for ``config``'s model: RecBole's choice, with its generic Trainer replaced by ours."""
+    trainer_class = recbole_get_trainer(config["MODEL_TYPE"], config["model"])
+    return Trainer if trainer_class is RecBoleTrainer else trainer_class
 
 
 def _plain_floats(result):
