@@ -5,6 +5,7 @@
     python run_recbole_mamba.py          # Mamba4Rec on RecBole's bundled ml-100k, 1 epoch, a few minutes on a CPU
 
 Any RecBole setting can be given as --key=value; --config_files takes space-separated YAML files.
+--resume=saved/<run>-last.pth continues an interrupted run (give the same settings as before).
 Exit status: 0 on success, 2 for bad input (the message says what to change), 1 for other failures.
 """
 
@@ -36,7 +37,7 @@ def parse_args(argv):
 def main(argv=None):
     args, settings = parse_args(sys.argv[1:] if argv is None else argv)
     from recbole_mamba import run
-    from recbole_mamba.errors import UserInputError
+    from recbole_mamba.errors import DownloadError, UserInputError
 
     config_files = args.config_files.split() if args.config_files else None
     try:
@@ -44,6 +45,9 @@ def main(argv=None):
     except UserInputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except DownloadError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -15,8 +15,14 @@ process that imports the plugin, a Ray worker included, gets it).
    with ``pickle_protocol=4``, whose opcodes the weights-only unpickler cannot read at all, so
    ``Trainer._save_checkpoint`` saves with torch's default protocol instead, through a temporary
    file renamed into place, so that a run killed while saving never leaves a truncated checkpoint.
+   RecBole's own loads (``Trainer.evaluate`` reloading the best model, ``Trainer.resume_checkpoint``)
+   go through :func:`recbole_mamba.checkpoint.load_checkpoint`, which also refuses a pickle that
+   calls an allowed class, and honours the ``trust_checkpoint`` setting.
 3. ``Dataset._download`` calls ``torch.distributed.barrier()`` even in a single process, which
-   raises there: the barrier now runs only when a process group exists.
+   raises there, and leaves a half-downloaded archive or dataset folder behind when the download
+   fails, which later runs then trust. A single process now downloads with
+   :func:`recbole_mamba.data.download.download_dataset` (everything in a temporary folder, renamed
+   into place only when complete); with a process group, RecBole's own code runs.
 4. pandas 3 (copy-on-write) silently ignores RecBole's chained in-place ``df[field].fillna(...,
    inplace=True)``: missing token and float values stay NaN, and empty token_seq cells crash the
    sequence split. ``Dataset._fill_nan`` is replaced by the same logic written as assignments, and
@@ -50,8 +56,9 @@ def apply():
         return
     _add_numpy_aliases()
     _patch_config_compatibility_settings()
-    _patch_lone_download_barrier()
+    _patch_download()
     _patch_save_checkpoint()
+    _patch_checkpoint_loading()
     _patch_fill_nan()
     _patch_sequence_cells_for_pandas_3()
     _patch_cellwise_len_for_pandas_3()
@@ -127,25 +134,32 @@ def _patch_save_checkpoint():
         if not self.config["single_spec"] and self.config["local_rank"] != 0:
             return
         saved_model_file = kwargs.pop("saved_model_file", self.saved_model_file)
-        state = {  # the same entries as RecBole's own checkpoint
-            "config": self.config,
-            "epoch": epoch,
-            "cur_step": self.cur_step,
-            # RecBole's score is a numpy scalar, which the weights-only unpickler refuses.
-            "best_valid_score": float(self.best_valid_score),
-            "state_dict": self.model.state_dict(),
-            "other_parameter": self.model.other_parameter(),
-            "optimizer": self.optimizer.state_dict(),
-        }
-        save_atomically(state, saved_model_file)
+        save_atomically(checkpoint_state(self, epoch), saved_model_file)
         if verbose:
             self.logger.info(set_color("Saving current", "blue") + f": {saved_model_file}")
 
     Trainer._save_checkpoint = _save_checkpoint
 
 
+def checkpoint_state(trainer, epoch):
+    """The entries of RecBole's own checkpoint, in types the weights-only unpickler accepts."""
+    return {
+        "config": trainer.config,
+        "epoch": epoch,
+        "cur_step": trainer.cur_step,
+        # RecBole's score is a numpy scalar, which the weights-only unpickler refuses.
+        "best_valid_score": float(trainer.best_valid_score),
+        "state_dict": trainer.model.state_dict(),
+        "other_parameter": trainer.model.other_parameter(),
+        "optimizer": trainer.optimizer.state_dict(),
+    }
+
+
 def save_atomically(obj, path):
-    """``torch.save`` to ``path`` via a temporary file in the same folder, then rename."""
+    """``torch.save`` to ``path`` via a temporary file in the same folder, then rename.
+
+    A reader (or a run resumed after a crash) sees either the previous complete file or the new one.
+    """
     folder = os.path.dirname(os.path.abspath(path))
     handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=folder)
     try:
@@ -160,10 +174,55 @@ def save_atomically(obj, path):
         raise
 
 
+def _patch_checkpoint_loading():
+    from recbole.trainer.trainer import Trainer
+
+    original_evaluate = Trainer.evaluate
+
+    def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
+        # RecBole's own steps, with the best model read by the safe loader instead of torch.load.
+        if load_best_model and eval_data:
+            checkpoint_file = model_file or self.saved_model_file
+            checkpoint = _load(checkpoint_file, self.device, self.config)
+            self.model.load_state_dict(checkpoint["state_dict"])
+            self.model.load_other_parameter(checkpoint.get("other_parameter"))
+            self.logger.info(f"Loading model structure and parameters from {checkpoint_file}")
+        return original_evaluate(self, eval_data, load_best_model=False, show_progress=show_progress)
+
+    def resume_checkpoint(self, resume_file):
+        restore_checkpoint(self, _load(resume_file, self.device, self.config))
+        self.saved_model_file = str(resume_file)  # as RecBole: the resumed file becomes the best-model file
+        self.logger.info(f"Checkpoint loaded. Resume training from epoch {self.start_epoch}")
+
+    Trainer.evaluate = evaluate
+    Trainer.resume_checkpoint = resume_checkpoint
+
+
+def restore_checkpoint(trainer, checkpoint):
+    """RecBole's resume steps on an already loaded checkpoint: counters, best score, model, optimizer."""
+    trainer.start_epoch = checkpoint["epoch"] + 1
+    trainer.cur_step = checkpoint["cur_step"]
+    trainer.best_valid_score = checkpoint["best_valid_score"]
+    if checkpoint["config"]["model"].lower() != trainer.config["model"].lower():
+        trainer.logger.warning(
+            "Architecture configuration given in config file is different from that of checkpoint. "
+            "This may yield an exception while state_dict is being loaded."
+        )
+    trainer.model.load_state_dict(checkpoint["state_dict"])
+    trainer.model.load_other_parameter(checkpoint.get("other_parameter"))
+    trainer.optimizer.load_state_dict(checkpoint["optimizer"])
+
+
+def _load(path, device, config):
+    from recbole_mamba.checkpoint import load_checkpoint
+
+    return load_checkpoint(path, map_location=device, trust=bool(config["trust_checkpoint"]))
+
+
 # 3. single-process download ----------------------------------------------------------------------
 
 
-def _patch_lone_download_barrier():
+def _patch_download():
     from recbole.data.dataset import dataset as dataset_module
 
     original_download = dataset_module.Dataset._download
@@ -171,18 +230,15 @@ def _patch_lone_download_barrier():
     def _download(self):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             return original_download(self)
-        # RecBole's own steps, without the barrier that only a process group can pass.
+        from recbole_mamba.data.checks import check_atomic_files
+        from recbole_mamba.data.download import download_dataset
+
         url = self._get_download_url("url")
         self.logger.info(f"Prepare to download dataset [{self.dataset_name}] from [{url}].")
-        if not dataset_module.decide_download(url):
-            raise RuntimeError(f"Download of dataset [{self.dataset_name}] cancelled.")
-        dataset_module.makedirs(self.dataset_path)
-        path = dataset_module.download_url(url, self.dataset_path)
-        dataset_module.extract_zip(path, self.dataset_path)
-        os.unlink(path)
-        basename = os.path.splitext(os.path.basename(path))[0]
-        dataset_module.rename_atomic_files(self.dataset_path, basename, self.dataset_name)
-        self.logger.info("Downloading done.")
+        download_dataset(
+            url, self.dataset_path, self.dataset_name, self.logger,
+            check=lambda folder: check_atomic_files(self.config, folder),
+        )
 
     dataset_module.Dataset._download = _download
 

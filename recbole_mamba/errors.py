@@ -1,9 +1,14 @@
-"""The one exception type for mistakes in what a user asked for (config, data, model name).
+"""Exceptions for failures a user can act on, as opposed to bugs.
 
-The CLI prints such an error as a single paragraph, without a traceback, and exits with status 2;
-anything else that goes wrong is a bug and keeps its traceback.
+The CLI prints these as a single paragraph, without a traceback: a ``UserInputError`` exits with
+status 2, a ``DownloadError`` with status 1. Anything else that goes wrong is a bug and keeps its
+traceback.
 """
 
 
 class UserInputError(ValueError):
-    """Bad input: a model name, config file, hyperparameter or dataset that cannot be used."""
+    """Bad input: a model name, config file, hyperparameter, dataset or checkpoint that cannot be used."""
+
+
+class DownloadError(RuntimeError):
+    """A dataset download that failed (network, server, archive); nothing of it was kept."""

@@ -7,20 +7,23 @@ same code. All input checks run before anything is written (log folder, checkpoi
 import logging
 import sys
 
-from recbole.data import create_dataset, data_preparation
 from recbole.data.transform import construct_transform
 from recbole.utils import get_environment, get_flops, init_logger, init_seed, set_color
 
 from recbole_mamba.checkpoint import load_checkpoint
 from recbole_mamba.config import Config, get_model
 from recbole_mamba.data.checks import check_dataset_files
-from recbole_mamba.trainer import get_trainer
+from recbole_mamba.data.loading import load_dataset, prepare_dataloaders
+from recbole_mamba.provenance import describe_run
+from recbole_mamba.trainer import get_trainer, read_resume_checkpoint
 
 
 def create_config(model=None, dataset=None, config_file_list=None, config_dict=None, cmd_args=()):
     """Build and check a :class:`~recbole_mamba.config.Config`; raises ``UserInputError`` on bad input."""
     config = Config(model, dataset, config_file_list, config_dict, cmd_args)
     check_dataset_files(config)
+    if config["resume"]:
+        read_resume_checkpoint(config["resume"], config)
     return config
 
 
@@ -58,11 +61,14 @@ def run(model=None, dataset=None, config_file_list=None, config_dict=None, cmd_a
         config_file_list: YAML files with settings.
         config_dict: settings as a dict (overrides the files).
         cmd_args: ``--key=value`` strings (override everything else).
-        saved: keep the best checkpoint and evaluate it on the test split.
+        saved: keep the best checkpoint (and the resumable '-last.pth' one) and evaluate the best
+            model on the test split. ``config_dict={"resume": path}`` continues an interrupted run
+            from its '-last.pth' checkpoint.
 
     Returns:
         dict with ``best_valid_score``, ``valid_score_bigger``, ``best_valid_result``,
-        ``test_result``, ``model_file`` and ``trainable_parameters``.
+        ``test_result``, ``model_file``, ``last_model_file`` (the resumable checkpoint) and
+        ``trainable_parameters``.
     """
     config = create_config(model, dataset, config_file_list, config_dict, cmd_args)
 
@@ -70,10 +76,11 @@ def run(model=None, dataset=None, config_file_list=None, config_dict=None, cmd_a
     logger = _init_logging(config)
     logger.info(sys.argv)
     logger.info(config)
+    logger.info(describe_run(config))
 
-    data = create_dataset(config)
+    data = load_dataset(config)
     logger.info(data)
-    train_data, valid_data, test_data = data_preparation(config, data)
+    train_data, valid_data, test_data = prepare_dataloaders(config, data)
 
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
     recommender = config.model_class(config, train_data._dataset).to(config["device"])
@@ -85,6 +92,8 @@ def run(model=None, dataset=None, config_file_list=None, config_dict=None, cmd_a
     logger.info(set_color("FLOPs", "blue") + f": {flops}")
 
     trainer = get_trainer(config)(config, recommender)
+    if config["resume"]:
+        trainer.resume_checkpoint(config["resume"])
     best_valid_score, best_valid_result = trainer.fit(
         train_data, valid_data, saved=saved, show_progress=config["show_progress"]
     )
@@ -100,25 +109,28 @@ def run(model=None, dataset=None, config_file_list=None, config_dict=None, cmd_a
         "best_valid_result": best_valid_result,
         "test_result": test_result,
         "model_file": trainer.saved_model_file if saved else None,
+        "last_model_file": getattr(trainer, "last_model_file", None) if saved else None,
         "trainable_parameters": n_params,
     }
 
 
-def load_data_and_model(model_file, map_location=None):
+def load_data_and_model(model_file, map_location=None, trust_checkpoint=False):
     """Rebuild config, data and trained model from a checkpoint, as RecBole's function of that name.
 
-    The checkpoint is read with ``weights_only=True`` (see :mod:`recbole_mamba.checkpoint`).
+    The checkpoint is read with ``weights_only=True`` and an allow-list (see
+    :mod:`recbole_mamba.checkpoint`); ``trust_checkpoint=True`` unpickles it without those checks,
+    for old checkpoints you made yourself.
 
     Returns:
         (config, model, dataset, train_data, valid_data, test_data)
     """
-    checkpoint = load_checkpoint(model_file, map_location="cpu")
+    checkpoint = load_checkpoint(model_file, map_location="cpu", trust=trust_checkpoint)
     config = checkpoint["config"]
     if map_location is not None:
         config["device"] = map_location
     init_seed(config["seed"], config["reproducibility"])
-    data = create_dataset(config)
-    train_data, valid_data, test_data = data_preparation(config, data)
+    data = load_dataset(config)
+    train_data, valid_data, test_data = prepare_dataloaders(config, data)
     init_seed(config["seed"], config["reproducibility"])
     model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
     model.load_state_dict(checkpoint["state_dict"])

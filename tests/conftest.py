@@ -44,6 +44,15 @@ def tiny_ml100k(tmp_path_factory):
     return str(data_path), "ml100k-tiny"
 
 
+@pytest.fixture(scope="session")
+def few_users_ml100k(tmp_path_factory):
+    """(data_path, dataset name): the first 40 users of the bundled ml-100k, for tests that train
+    several times (about 1/3 s per epoch of TINY_MAMBA)."""
+    data_path = tmp_path_factory.mktemp("few")
+    write_slice(EMBEDDED_ML100K / "ml-100k.inter", data_path, "ml100k-few", n_users=40)
+    return str(data_path), "ml100k-few"
+
+
 # Settings that keep end-to-end runs on the CPU to seconds.
 FAST_SETTINGS = {
     "MAX_ITEM_LIST_LENGTH": 10,
@@ -60,3 +69,25 @@ def shared_dataset(name):
     if not (folder / f"{name}.inter").is_file():
         pytest.skip(f"needs {folder}/{name}.inter (the shared datasets folder beside the checkout)")
     return str(SHARED_DATASETS)
+
+
+# A Mamba4Rec small enough that a subprocess trains a few epochs in seconds.
+TINY_MAMBA = {"hidden_size": 16, "d_state": 8, "expand": 1, "mamba_backend": "torch"}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Torch on one thread, here and in subprocesses. On a shared 2-core machine two threads spin-wait
+    for each other while other work holds a core, and a small training slows down 20- to 50-fold;
+    runs that are compared bit for bit need the same thread count anyway."""
+    import torch
+
+    threads, previous = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    yield
+    torch.set_num_threads(threads)
+    if previous is None:
+        del os.environ["OMP_NUM_THREADS"]
+    else:
+        os.environ["OMP_NUM_THREADS"] = previous

@@ -1,15 +1,21 @@
 """Checks on a dataset's files before RecBole reads them, so mistakes get a clear message.
 
-RecBole's own errors for a missing folder or column surface deep inside pandas; these checks read
-only the folder listing and the header line of the ``.inter`` file.
+RecBole's own errors for a missing folder or column surface deep inside pandas, and some damaged
+lines pass silently (see :mod:`recbole_mamba.data.atomic_files`). These checks read the folder
+listing, the header of the ``.inter`` file, and then every line of each atomic file RecBole will load;
+:func:`check_loaded_dataset` checks what is left after RecBole's filtering.
 """
 
 import difflib
+import locale
 import os
 
 import yaml
 
+from recbole_mamba.data.atomic_files import check_atomic_file, read_header
 from recbole_mamba.errors import UserInputError
+
+ATOMIC_SUFFIXES = ("inter", "user", "item")
 
 
 def downloadable_datasets():
@@ -19,23 +25,6 @@ def downloadable_datasets():
     url_file = os.path.join(os.path.dirname(recbole.__file__), "properties", "dataset", "url.yaml")
     with open(url_file, encoding="utf-8") as f:
         return list(yaml.safe_load(f))
-
-
-def _inter_header(path, separator):
-    with open(path, encoding="utf-8") as f:
-        header = f.readline().rstrip("\r\n")
-    if not header:
-        raise UserInputError(f"Dataset file '{path}' is empty: line 1 should be the header (e.g. user_id:token).")
-    fields = {}
-    for column in header.split(separator):
-        name, colon, ftype = column.partition(":")
-        if not colon:
-            raise UserInputError(
-                f"Dataset file '{path}', line 1: column '{column}' has no type; RecBole's atomic "
-                "format names each column as name:type (e.g. user_id:token, timestamp:float)."
-            )
-        fields[name] = ftype
-    return fields
 
 
 def required_inter_fields(config):
@@ -71,7 +60,7 @@ def check_dataset_files(config):
             f"Dataset folder '{folder}' has no {name}.inter (it holds: {', '.join(present) or 'nothing'}). "
             f"RecBole reads interactions from <data_path>/{name}/{name}.inter."
         )
-    fields = _inter_header(inter_file, config["field_separator"])
+    fields = read_header(inter_file, config["field_separator"], file_encoding(config))
     missing = [field for field in required_inter_fields(config) if field not in fields]
     if missing:
         raise UserInputError(
@@ -80,3 +69,43 @@ def check_dataset_files(config):
             f"{', '.join(fields)}. Add the column(s), or change USER_ID_FIELD / ITEM_ID_FIELD / "
             "TIME_FIELD / load_col (and eval_args.order: RO for data without time) to match the file."
         )
+    check_atomic_files(config, folder)
+
+
+def file_encoding(config):
+    # RecBole passes its encoding setting (None by default) to open(), which then uses the locale's.
+    return config["encoding"] or locale.getpreferredencoding(False)
+
+
+def loaded_columns(config, suffix, header):
+    """{name: type} of the columns RecBole loads from ``<dataset>.<suffix>`` (its load_col rules)."""
+    load_col, unload_col = config["load_col"], config["unload_col"] or {}
+    if load_col is None or load_col.get(suffix) == "*":
+        names = set(header)
+    elif suffix not in load_col:
+        return {}
+    else:
+        names = set(load_col[suffix])
+    names -= set(unload_col.get(suffix) or ())
+    return {name: ftype for name, ftype in header.items() if name in names}
+
+
+def check_atomic_files(config, folder):
+    """Check every line of the atomic files in ``folder`` that RecBole will load for ``config``."""
+    name = config["dataset"]
+    ids = {config["USER_ID_FIELD"], config["ITEM_ID_FIELD"]}
+    for suffix in ATOMIC_SUFFIXES:
+        path = os.path.join(folder, f"{name}.{suffix}")
+        if not os.path.isfile(path):
+            continue
+        header = read_header(path, config["field_separator"], file_encoding(config))
+        columns = loaded_columns(config, suffix, header)
+        if columns:
+            check_atomic_file(
+                path,
+                columns,
+                ids=ids,
+                separator=config["field_separator"],
+                seq_separator=config["seq_separator"],
+                encoding=file_encoding(config),
+            )

@@ -196,6 +196,28 @@ def _scan_backward(ctx, dout):
             batch_major(dz), ddelta_bias, None, None)
 
 
+def _check_decay_exponent(A, delta, delta_bias, delta_softplus):
+    """Refuse inputs for which exp(dt * A) could overflow.
+
+    The decay exp(dt * A) stays in [0, 1] for every dt >= 0 when A <= 0: with dt from 1e-4 to 1e2
+    and A = -1 .. -d_state it only underflows to exact zeros, which the recurrence and its gradient
+    handle. A > 0 (or inf / nan) or, without softplus, dt < 0 makes the exponent positive, the decay
+    overflows to inf and every later state to inf or nan, so such inputs are an error here. The Mamba
+    mixer never passes them: its A = -exp(A_log) and its dt = softplus(...).
+    """
+    with torch.no_grad():
+        unstable_A = bool(((A > 0) | ~torch.isfinite(A)).any())
+        negative_dt = not delta_softplus and bool(
+            ((delta if delta_bias is None else delta + delta_bias[:, None]) < 0).any()
+        )
+    if unstable_A:
+        raise ValueError("selective_scan: A must be finite and <= 0 (A = -exp(A_log) in Mamba); "
+                         "otherwise exp(dt * A) overflows")
+    if negative_dt:
+        raise ValueError("selective_scan: without delta_softplus, delta (+ delta_bias) must be >= 0; "
+                         "otherwise exp(dt * A) overflows")
+
+
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    return_last_state=False, *, chunk_size=None, batch_block=None):
     """Fast selective scan with the semantics and arguments of mamba-ssm's ``selective_scan_fn``.
@@ -206,12 +228,14 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     ``return_last_state`` it returns ``(y, last_state)``, last_state: (batch, d, n) float32,
     not differentiated (as in mamba-ssm).  ``chunk_size`` (steps per chunk) and
     ``batch_block`` (batch rows per block) only tune speed and memory; None picks them from
-    the cache sizes above.
+    the cache sizes above.  Inputs for which exp(dt * A) could overflow (A > 0, or dt < 0
+    without softplus) raise ``ValueError``; see :func:`_check_decay_exponent`.
     """
     if A.is_complex():
         raise NotImplementedError("selective_scan: complex A is not supported")
     if B.dim() != 3 or C.dim() != 3:
         raise NotImplementedError("selective_scan: B and C must be (batch, d_state, L)")
+    _check_decay_exponent(A, delta, delta_bias, delta_softplus)
     batch, d, _ = u.shape
     slab_row_bytes = 4 * d * A.shape[1]  # one batch row of the state, in float32
     if batch_block is None:
