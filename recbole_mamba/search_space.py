@@ -97,3 +97,8 @@ def to_tune(space):
 
 def uses_grid(space):
     return any(distribution == "grid" for distribution, _ in space.values())
+
+
+def grid_size(space):
+    """Trials per sample: every combination of the grid values (1 without a grid)."""
+    return math.prod(len(args) for distribution, args in space.values() if distribution == "grid")

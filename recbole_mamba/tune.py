@@ -36,7 +36,7 @@ from recbole.utils import early_stopping
 from recbole_mamba import compat
 from recbole_mamba.errors import UserInputError
 from recbole_mamba.quick_start import create_config, format_results, load_data_and_model, run
-from recbole_mamba.search_space import load_search_space, to_tune, uses_grid
+from recbole_mamba.search_space import grid_size, load_search_space, to_tune, uses_grid
 from recbole_mamba.trainer import get_trainer
 
 logger = logging.getLogger(__name__)
@@ -50,6 +50,10 @@ TRIAL_KEYS = ("checkpoint_dir", "gpu_id", "show_progress")
 
 class SearchFailed(RuntimeError):
     """Every trial failed: there is no best configuration."""
+
+
+class SearchInterrupted(RuntimeError):
+    """The search stopped (Ctrl+C) before every trial ended; the same command resumes it."""
 
 
 @dataclasses.dataclass
@@ -169,6 +173,10 @@ def search(model, dataset, space_file, config_file_list=None, cmd_args=(), optio
         if started_ray:
             ray.shutdown()
 
+    if _interrupted(experiment_dir, options.num_samples * grid_size(space)):
+        raise SearchInterrupted(
+            f"The search stopped before all its trials ended; run the same command to resume it from {experiment_dir}."
+        )
     rows = trial_rows(results, request)
     table = trial_table(rows, list(space), request)
     table.to_csv(os.path.join(experiment_dir, "trials.csv"), index=False)
@@ -231,7 +239,6 @@ def _tuner(space, request, options, name, storage_path):
             num_samples=options.num_samples,
             scheduler=_scheduler(options, request),
             search_alg=_search_algorithm(options),
-            max_concurrent_trials=options.max_concurrent_trials or None,
             trial_dirname_creator=_trial_dirname,
         ),
         run_config=RunConfig(
@@ -241,6 +248,18 @@ def _tuner(space, request, options, name, storage_path):
             verbose=1,
         ),
     )
+
+
+def _interrupted(experiment_dir, expected_trials):
+    """Whether the search stopped early (Ctrl+C): Tune 2.6 returns normally then too.
+
+    Tune's saved state, which a resumed search starts from, tells: fewer trials than asked for, or
+    one that neither ended nor failed.
+    """
+    from ray.tune import ExperimentAnalysis
+
+    trials = ExperimentAnalysis(experiment_dir).trials
+    return len(trials) < expected_trials or any(trial.status not in ("TERMINATED", "ERROR") for trial in trials)
 
 
 def _check_space_against_config(space, base, space_file):
@@ -399,17 +418,23 @@ def _scheduler(options, request):
 
 
 def _search_algorithm(options):
+    # The concurrency limit is set here: TuneConfig's max_concurrent_trials is ignored (with a
+    # warning) once a BasicVariantGenerator is given.
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+
+    if options.search_alg == "random":
+        return BasicVariantGenerator(random_state=options.search_seed, max_concurrent=options.max_concurrent_trials)
     if options.search_alg == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        return OptunaSearch(seed=options.search_seed)
-    if options.search_alg == "hyperopt":
+        searcher = OptunaSearch(seed=options.search_seed)
+    else:
         from ray.tune.search.hyperopt import HyperOptSearch
 
-        return HyperOptSearch(random_state_seed=options.search_seed)
-    from ray.tune.search import BasicVariantGenerator
-
-    return BasicVariantGenerator(random_state=options.search_seed)
+        searcher = HyperOptSearch(random_state_seed=options.search_seed)
+    if options.max_concurrent_trials:
+        return ConcurrencyLimiter(searcher, max_concurrent=options.max_concurrent_trials)
+    return searcher
 
 
 def _trial_dirname(trial):
@@ -571,6 +596,9 @@ def main(model, dataset, config_file_list, space_file, argv):
     except SearchFailed as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except SearchInterrupted as error:
+        print(str(error), file=sys.stderr)
+        return 130  # as a shell reports a command ended by Ctrl+C
     print_summary(result)
     return 0
 

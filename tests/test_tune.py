@@ -210,6 +210,10 @@ def test_asha_search_records_every_trial_and_its_best_config_reruns(small_data, 
         assert "epoch 0 evaluating" in log.read_text() and "test result" not in log.read_text()  # test unseen
         assert [Path(row["checkpoint"])] == list((trial_dir / "saved").glob("*.pth"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "runs", "space.yaml"]
+    # Tune's saved state marks the search as ended; asked for more trials, it would be unfinished
+    # (the same command then resumes it instead of reporting a best trial).
+    assert not search_module._interrupted(str(experiment), expected_trials=3)
+    assert search_module._interrupted(str(experiment), expected_trials=4)
 
     # The best trial is the best on validation; its test metrics were computed after the search.
     result = yaml.safe_load((experiment / "best_result.yaml").read_text())
