@@ -149,7 +149,8 @@ def search(model, dataset, space_file, config_file_list=None, cmd_args=(), optio
 
     Returns:
         :class:`SearchResult`. Raises ``UserInputError`` for bad input (before anything is
-        written) and :class:`SearchFailed` when every trial failed.
+        written), :class:`SearchFailed` when every trial failed, and :class:`SearchInterrupted`
+        when the search was stopped before its end (run it again to resume).
     """
     options = options or SearchOptions()
     require_ray_tune()
