@@ -3,6 +3,7 @@
     python run_recbole_mamba.py --model=Mamba4Rec --dataset=amazon-beauty
     python run_recbole_mamba.py --model=SASRec --dataset=ml-1m --data_path=/data --epochs=50
     python run_recbole_mamba.py          # Mamba4Rec on RecBole's bundled ml-100k, 1 epoch, a few minutes on a CPU
+    python run_recbole_mamba.py --model=Mamba4Rec --dataset=amazon-beauty --tune=yaml/tune/mamba4rec.yaml
 
 Any RecBole setting can be given as --key=value; --config_files takes space-separated YAML files.
 --resume=saved/<run>-last.pth continues an interrupted run (give the same settings as before).
@@ -26,6 +27,7 @@ def parse_args(argv):
     parser.add_argument("--model", "-m", help="model name, e.g. Mamba4Rec, SASRec, BERT4Rec, GRU4Rec")
     parser.add_argument("--dataset", "-d", help="dataset name, e.g. ml-1m, amazon-beauty")
     parser.add_argument("--config_files", help="space-separated YAML config files")
+    parser.add_argument("--tune", metavar="SPACE_YAML", help="run a Ray Tune search over this space (see README)")
     args, settings = parser.parse_known_args(argv)
     if args.model is None and args.dataset is None and args.config_files is None:
         args.model, args.dataset = EMBEDDED_MODEL, EMBEDDED_DATASET
@@ -41,6 +43,10 @@ def main(argv=None):
 
     config_files = args.config_files.split() if args.config_files else None
     try:
+        if args.tune:
+            from recbole_mamba.tune import main as tune_main
+
+            return tune_main(args.model, args.dataset, config_files, args.tune, settings)
         run(args.model, args.dataset, config_file_list=config_files, cmd_args=settings)
     except UserInputError as error:
         print(f"error: {error}", file=sys.stderr)

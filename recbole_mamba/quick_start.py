@@ -52,7 +52,16 @@ def format_results(best_valid_result, test_result, valid_metric):
     return "\n".join([title, *rows])
 
 
-def run(model=None, dataset=None, config_file_list=None, config_dict=None, cmd_args=(), saved=True):
+def run(
+    model=None,
+    dataset=None,
+    config_file_list=None,
+    config_dict=None,
+    cmd_args=(),
+    saved=True,
+    callback_fn=None,
+    evaluate_test=True,
+):
     """Train ``model`` on ``dataset`` with RecBole's Trainer and evaluate it by full ranking.
 
     Args:
@@ -64,6 +73,10 @@ def run(model=None, dataset=None, config_file_list=None, config_dict=None, cmd_a
         saved: keep the best checkpoint (and the resumable '-last.pth' one) and evaluate the best
             model on the test split. ``config_dict={"resume": path}`` continues an interrupted run
             from its '-last.pth' checkpoint.
+        callback_fn: called as ``callback_fn(epoch_idx, valid_score)`` after each validation
+            (RecBole's ``Trainer.fit`` hook; a hyperparameter search reports through it).
+        evaluate_test: False leaves the test split unseen (``test_result`` is then None): a
+            search selects on validation alone and evaluates only its best configuration.
 
     Returns:
         dict with ``best_valid_score``, ``valid_score_bigger``, ``best_valid_result``,
@@ -95,14 +108,21 @@ def run(model=None, dataset=None, config_file_list=None, config_dict=None, cmd_a
     if config["resume"]:
         trainer.resume_checkpoint(config["resume"])
     best_valid_score, best_valid_result = trainer.fit(
-        train_data, valid_data, saved=saved, show_progress=config["show_progress"]
+        train_data, valid_data, saved=saved, show_progress=config["show_progress"], callback_fn=callback_fn
     )
+    if not evaluate_test:
+        logger.info(set_color("best valid ", "yellow") + f": {dict(best_valid_result)}")
+        return _result(best_valid_score, best_valid_result, None, config, trainer, saved, n_params)
     test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
 
     logger.info("The running environment of this training is as follows:\n" + get_environment(config).draw())
     logger.info(set_color("best valid ", "yellow") + f": {dict(best_valid_result)}")
     logger.info(set_color("test result", "yellow") + f": {dict(test_result)}")
     logger.info(format_results(best_valid_result, test_result, config["valid_metric"]))
+    return _result(best_valid_score, best_valid_result, test_result, config, trainer, saved, n_params)
+
+
+def _result(best_valid_score, best_valid_result, test_result, config, trainer, saved, n_params):
     return {
         "best_valid_score": best_valid_score,
         "valid_score_bigger": config["valid_metric_bigger"],
