@@ -7,12 +7,13 @@ same code. All input checks run before anything is written (log folder, checkpoi
 import logging
 import sys
 
-from recbole.data import create_dataset, data_preparation
+from recbole.data import create_dataset
 from recbole.data.transform import construct_transform
 from recbole.utils import get_environment, get_flops, get_trainer, init_logger, init_seed, set_color
 
 from recbole_mamba.checkpoint import load_checkpoint
-from recbole_mamba.config import Config, get_model
+from recbole_mamba.config import Config, add_missing_defaults, get_model
+from recbole_mamba.data import data_preparation  # RecBole's, with the train_mode's training dataloader
 from recbole_mamba.data.checks import check_dataset_files
 
 
@@ -112,7 +113,7 @@ def load_data_and_model(model_file, map_location=None):
         (config, model, dataset, train_data, valid_data, test_data)
     """
     checkpoint = load_checkpoint(model_file, map_location="cpu")
-    config = checkpoint["config"]
+    config = add_missing_defaults(checkpoint["config"])
     if map_location is not None:
         config["device"] = map_location
     init_seed(config["seed"], config["reproducibility"])

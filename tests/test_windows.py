@@ -1,10 +1,19 @@
-"""Training windows of train_mode all_positions: rebuilt sequences, window cuts, batches."""
+"""Training windows of train_mode all_positions: rebuilt sequences, window cuts, batches, and the
+dataloaders on real data (every training interaction exactly once per epoch; evaluation unchanged)."""
+
+import collections
 
 import numpy as np
 import pytest
 import torch
+from recbole.data import create_dataset
+from recbole.data import data_preparation as recbole_data_preparation
 
+from recbole_mamba.config import Config
+from recbole_mamba.data import data_preparation
+from recbole_mamba.data.dataloader import WindowDataLoader
 from recbole_mamba.data.windows import TrainingWindows, cut_windows, user_sequences
+from tests.conftest import FAST_SETTINGS
 
 
 def augmented_rows(sequences, max_len, first_target=1):
@@ -112,3 +121,86 @@ def test_batch_of_windows_is_right_padded_with_shifted_targets():
     assert batch["item_id_list"].tolist() == [[13, 14, 15], [11, 12, 0], [21, 0, 0]]
     assert batch["item_length"].tolist() == [3, 2, 1]
     assert batch["item_id"].tolist() == [[14, 15, 16], [12, 13, 0], [22, 0, 0]]
+
+
+# On real data, through the dataloaders ------------------------------------------------------------
+
+MAX_LEN = 8
+
+
+@pytest.fixture(scope="module")
+def loaders(tiny_ml100k):
+    """(RecBole's prefix loaders, the all_positions loaders) for the same tiny slice."""
+    data_path, name = tiny_ml100k
+    settings = {**FAST_SETTINGS, "data_path": data_path, "MAX_ITEM_LIST_LENGTH": MAX_LEN, "train_batch_size": 16}
+    built = {}
+    for mode in ("prefix", "all_positions"):
+        config = Config("Mamba4Rec", name, config_dict={**settings, "train_mode": mode})
+        built[mode] = data_preparation(config, create_dataset(config))
+    return built
+
+
+def one_epoch(loader):
+    return [batch for batch in loader]
+
+
+def test_an_epoch_has_every_training_target_exactly_once_with_its_history(loaders):
+    prefix_train, all_train = loaders["prefix"][0], loaders["all_positions"][0]
+    assert isinstance(all_train, WindowDataLoader)
+    rows = prefix_train.dataset.inter_feat
+    # RecBole's rows: (user, target) -> the history before the target. ml-100k has each
+    # (user, item) once, so a pair names one training interaction.
+    history = {
+        (u, t): h[:n].tolist()
+        for u, t, h, n in zip(
+            rows["user_id"].tolist(), rows["item_id"].tolist(), rows["item_id_list"], rows["item_length"].tolist()
+        )
+    }
+    assert len(history) == len(rows)
+
+    seen = collections.Counter()
+    for batch in one_epoch(all_train):
+        assert batch["item_id_list"].shape == batch["item_id"].shape == (len(batch), MAX_LEN)
+        for u, inputs, n, targets in zip(
+            batch["user_id"].tolist(), batch["item_id_list"], batch["item_length"].tolist(), batch["item_id"]
+        ):
+            assert (inputs[n:] == 0).all() and (targets[n:] == 0).all() and (targets[:n] > 0).all()
+            for t in range(n):
+                key = (u, targets[t].item())
+                seen[key] += 1
+                # The window's inputs up to t are the end of RecBole's history for that target.
+                assert inputs[: t + 1].tolist() == history[key][-(t + 1) :], key
+    assert seen == collections.Counter(history.keys())  # every training target, exactly once
+
+    # Each user's first item (the input of RecBole's first row) is never a target.
+    first_rows = rows["item_length"] == 1
+    for u, first in zip(rows["user_id"][first_rows].tolist(), rows["item_id_list"][first_rows, 0].tolist()):
+        assert (u, first) not in seen
+
+
+def test_windows_are_shuffled_every_epoch(loaders):
+    all_train = loaders["all_positions"][0]
+    orders = [
+        [tuple(row.tolist()) for batch in one_epoch(all_train) for row in batch["item_id_list"]] for _ in range(2)
+    ]
+    assert orders[0] != orders[1] and sorted(orders[0]) == sorted(orders[1])
+
+
+def test_validation_and_test_loaders_are_recboles_and_unchanged(loaders):
+    for phase in (1, 2):
+        prefix_loader, all_loader = loaders["prefix"][phase], loaders["all_positions"][phase]
+        assert type(all_loader) is type(prefix_loader)
+        assert type(all_loader).__module__.startswith("recbole.data.dataloader")
+        for prefix_batch, all_batch in zip(prefix_loader, all_loader, strict=True):
+            # (interaction, history index, positive users, positive items)
+            torch.testing.assert_close(all_batch[0].interaction, prefix_batch[0].interaction)
+            torch.testing.assert_close(all_batch[1:], prefix_batch[1:])
+
+
+def test_prefix_mode_is_recboles_own_data_preparation(tiny_ml100k):
+    data_path, name = tiny_ml100k
+    config = Config("Mamba4Rec", name, config_dict={**FAST_SETTINGS, "data_path": data_path})
+    ours = data_preparation(config, create_dataset(config))
+    theirs = recbole_data_preparation(config, create_dataset(config))
+    for mine, recbole_loader in zip(ours, theirs):
+        assert type(mine) is type(recbole_loader) and len(mine) == len(recbole_loader)
