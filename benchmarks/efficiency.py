@@ -109,8 +109,9 @@ def free_gpu():
 
 
 # Settings that change the dataloaders rather than the model: runs that agree on these share them.
-# (``transform``: BERT4Rec's dataloaders mask the sequences for it.)
-DATA_KEYS = ("MAX_ITEM_LIST_LENGTH", "train_batch_size", "eval_batch_size", "worker", "seed", "transform")
+# (``transform``: BERT4Rec's dataloaders mask the sequences for it; ``train_mode``: windows or prefix rows.)
+DATA_KEYS = ("MAX_ITEM_LIST_LENGTH", "train_batch_size", "eval_batch_size", "worker", "seed", "transform",
+             "train_mode")
 
 
 class SharedData:
@@ -124,7 +125,9 @@ class SharedData:
         self.dataset, self.loaders = None, {}
 
     def loaders_for(self, config):
-        from recbole.data import create_dataset, data_preparation
+        from recbole.data import create_dataset
+
+        from recbole_mamba.data import data_preparation  # RecBole's, honouring train_mode
 
         key = tuple(str(config[k]) for k in DATA_KEYS)
         if key not in self.loaders:

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import yaml
 from recbole.config import Config as RecBoleConfig
-from recbole.utils import ModelType
+from recbole.utils import InputType, ModelType
 
 from recbole_mamba import compat
+from recbole_mamba.data.preparation import TRAIN_MODES
 from recbole_mamba.errors import UserInputError
 from recbole_mamba.trainer import amp_dtype
 
@@ -30,6 +31,9 @@ from recbole_mamba.trainer import amp_dtype
 PLUGIN_MODELS = {
     "Mamba4Rec": "recbole_mamba.model.mamba4rec",
 }
+
+# Losses of the plugin's models whose negatives the model draws itself (not RecBole's dataloader).
+MODEL_SAMPLED_LOSSES = ("BCE", "SampledSoftmax")
 
 # RecBole's model packages that import without optional libraries (exlib needs lightgbm/xgboost).
 _RECBOLE_MODEL_PACKAGES = (
@@ -185,15 +189,21 @@ class Config(RecBoleConfig):
 
     def _default_train_negatives(self):
         # RecBole's default samples one negative per positive, which it then rejects for the CE loss
-        # every sequential model here uses by default: sample negatives only when the loss needs them.
+        # every sequential model here uses by default: let RecBole's dataloader sample negatives only
+        # for the losses that take them from it. The plugin's sampled losses, and every loss in
+        # all_positions mode, draw their negatives inside the model.
         if "train_neg_sample_args" in self.external_config_dict:
             return
         merged = {**self.internal_config_dict, **self.external_config_dict}
-        if merged.get("loss_type") == "CE":
+        if merged.get("loss_type") in ("CE", *MODEL_SAMPLED_LOSSES) or merged.get("train_mode") == "all_positions":
             self.internal_config_dict["train_neg_sample_args"] = None
 
     def _set_default_parameters(self):
         super()._set_default_parameters()
+        # RecBole derives the input type from loss_type for CE and BPR only; the plugin's sampled
+        # losses read single interactions like CE (their negatives come from the model, not RecBole).
+        if self.final_config_dict.get("loss_type") in MODEL_SAMPLED_LOSSES:
+            self.final_config_dict.setdefault("MODEL_INPUT_TYPE", InputType.POINTWISE)
         # RecBole always reads ml-100k from the copy inside its package; honour an explicit data_path
         # that holds an ml-100k folder, so the embedded default and a full copy can both be used.
         user_data_path = self.external_config_dict.get("data_path")
@@ -211,9 +221,52 @@ class Config(RecBoleConfig):
                     f"got {length!r}."
                 )
         amp_dtype(self)  # raises on a dtype autocast cannot use
+        self._check_train_mode()
         check = getattr(self.model_class, "check_config", None)
         if check is not None:
             check(self)
+
+    def _check_train_mode(self):
+        mode = self.final_config_dict.get("train_mode")
+        if mode not in TRAIN_MODES:
+            raise UserInputError(f"train_mode must be one of {', '.join(TRAIN_MODES)}, got {mode!r}.")
+        if mode == "prefix":
+            return
+        if not getattr(self.model_class, "supports_all_positions", False):
+            raise UserInputError(
+                f"train_mode=all_positions needs a model that predicts the next item at every position; "
+                f"{self.model} does not support it (models that do: {', '.join(all_position_models())}). "
+                "Use train_mode=prefix (RecBole's training) for it."
+            )
+        if self.final_config_dict.get("benchmark_filename") is not None:
+            raise UserInputError(
+                "train_mode=all_positions cuts its windows from RecBole's own split, so it cannot be "
+                "used with benchmark_filename (pre-split files); use train_mode=prefix."
+            )
+        if self.final_config_dict["train_neg_sample_args"].get("distribution") != "none":
+            raise UserInputError(
+                "train_mode=all_positions draws negatives inside the model (negative_sampling, "
+                "num_negatives): remove train_neg_sample_args, or use train_mode=prefix."
+            )
+
+
+def add_missing_defaults(config):
+    """Give a checkpoint's config the plugin's yaml/ defaults for keys it lacks.
+
+    A checkpoint stores its run's whole Config; one written before a key was added (``train_mode``,
+    ``negative_sampling``, ...) would otherwise read that key as None.
+    """
+    plugin_yaml = yaml_dir()
+    for path in (plugin_yaml / "overall.yaml", plugin_yaml / "model" / f"{config['model']}.yaml"):
+        if path.is_file():
+            for key, value in _read_yaml_mapping(path, config.yaml_loader).items():
+                config.final_config_dict.setdefault(key, value)
+    return config
+
+
+def all_position_models():
+    """Names of the plugin's models that support ``train_mode: all_positions``."""
+    return [name for name in PLUGIN_MODELS if getattr(get_model(name), "supports_all_positions", False)]
 
 
 def _is_int(value):

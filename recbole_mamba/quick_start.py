@@ -11,7 +11,7 @@ from recbole.data.transform import construct_transform
 from recbole.utils import get_environment, get_flops, init_logger, init_seed, set_color
 
 from recbole_mamba.checkpoint import load_checkpoint
-from recbole_mamba.config import Config, get_model
+from recbole_mamba.config import Config, add_missing_defaults, get_model
 from recbole_mamba.data.checks import check_dataset_files
 from recbole_mamba.data.loading import load_dataset, prepare_dataloaders
 from recbole_mamba.provenance import describe_run
@@ -145,7 +145,7 @@ def load_data_and_model(model_file, map_location=None, trust_checkpoint=False):
         (config, model, dataset, train_data, valid_data, test_data)
     """
     checkpoint = load_checkpoint(model_file, map_location="cpu", trust=trust_checkpoint)
-    config = checkpoint["config"]
+    config = add_missing_defaults(checkpoint["config"])
     if map_location is not None:
         config["device"] = map_location
     init_seed(config["seed"], config["reproducibility"])

@@ -76,7 +76,12 @@ def test_header_without_types(empty_cwd, capsys, tmp_path):
         ("--dropout_prob=1.0", "dropout_prob must be a number in [0, 1), got 1.0"),
         ("--dropout_prob=-0.1", "dropout_prob must be a number in [0, 1), got -0.1"),
         ("--MAX_ITEM_LIST_LENGTH=1", "MAX_ITEM_LIST_LENGTH must be an integer >= 2"),
-        ("--loss_type=MSE", "loss_type must be CE or BPR"),
+        ("--loss_type=MSE", "loss_type must be one of CE, BPR, BCE, SampledSoftmax, got 'MSE'"),
+        ("--train_mode=windows", "train_mode must be one of prefix, all_positions, got 'windows'"),
+        ("--negative_sampling=popularity", "negative_sampling must be one of uniform, in_batch"),
+        ("--num_negatives=0", "num_negatives must be empty (the loss's default) or an integer >= 1, got 0"),
+        ("--ce_chunk_size=0", "ce_chunk_size must be an integer >= 1, got 0"),
+        ("--logq_correction=yes", "logq_correction must be true or false, got 'yes'"),
         ("--mamba_backend=triton", "mamba_backend must be one of auto, cuda, torch"),
         ("--mamba_backend=cuda", "mamba_backend=cuda needs a CUDA GPU"),
         ("--epochs", "settings are given as --key=value"),
@@ -90,6 +95,21 @@ def test_invalid_hyperparameters(setting, expected, empty_cwd, capsys):
             pytest.skip("this machine has a GPU")
     err = fail_with_message(["--model=Mamba4Rec", "--dataset=ml-100k", setting], capsys, empty_cwd)
     assert expected in err
+
+
+def test_all_positions_only_for_models_that_support_it(empty_cwd, capsys):
+    err = fail_with_message(["--model=SASRec", "--dataset=ml-100k", "--train_mode=all_positions"], capsys, empty_cwd)
+    assert "train_mode=all_positions" in err and "SASRec does not support it" in err
+    assert "models that do: Mamba4Rec" in err
+
+
+def test_all_positions_refuses_recboles_negative_sampling(empty_cwd, capsys):
+    negatives = "--train_neg_sample_args={'distribution': 'uniform', 'sample_num': 1}"
+    args = ["--model=Mamba4Rec", "--dataset=ml-100k", "--loss_type=BPR", "--train_mode=all_positions", negatives]
+    err = fail_with_message(args, capsys, empty_cwd)
+    assert "draws negatives inside the model" in err and "remove train_neg_sample_args" in err
+    err = fail_with_message(["--model=Mamba4Rec", "--dataset=ml-100k", "--loss_type=BCE", negatives], capsys, empty_cwd)
+    assert "loss_type BCE draws its negatives inside the model" in err
 
 
 def test_missing_config_file(empty_cwd, capsys, tmp_path):

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 import run_recbole_mamba
-from recbole_mamba import run
+from recbole_mamba import load_data_and_model, run
+from recbole_mamba.checkpoint import load_checkpoint
+from recbole_mamba.data.dataloader import WindowDataLoader
 from recbole_mamba.quick_start import create_config
 from tests.conftest import EMBEDDED_ML100K, FAST_SETTINGS, REPO
 
@@ -21,12 +23,14 @@ def test_no_arguments_selects_the_embedded_default():
     config = create_config(args.model, args.dataset, cmd_args=settings)
     # The copy inside the recbole package: works on a new machine without a download.
     assert os.path.realpath(config["data_path"]) == os.path.realpath(EMBEDDED_ML100K)
-    assert config["epochs"] == 1 and config["MAX_ITEM_LIST_LENGTH"] == 20
+    assert config["train_mode"] == "all_positions" and config["epochs"] == 10 and config["train_batch_size"] == 64
+    assert config["MAX_ITEM_LIST_LENGTH"] == 50  # the ml-100k preset
 
 
 def test_embedded_default_settings_yield_to_the_command_line():
     args, settings = run_recbole_mamba.parse_args(["--epochs=3"])
-    assert args.model == "Mamba4Rec" and "--epochs=3" in settings and "--epochs=1" not in settings
+    assert args.model == "Mamba4Rec" and "--epochs=3" in settings and "--epochs=10" not in settings
+    assert "--train_mode=all_positions" in settings
     # Naming a model, a dataset or config files turns the embedded default off.
     args, settings = run_recbole_mamba.parse_args(["--model=SASRec", "--dataset=ml-1m"])
     assert (args.model, args.dataset, settings) == ("SASRec", "ml-1m", [])
@@ -59,10 +63,13 @@ def cli_settings(data_path, **extra):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["Mamba4Rec", "SASRec"])
-def test_cli_trains_and_beats_random_ranking(model, tiny_ml100k, tmp_path):
+@pytest.mark.parametrize(
+    "model, train_mode", [("Mamba4Rec", "prefix"), ("SASRec", "prefix"), ("Mamba4Rec", "all_positions")]
+)
+def test_cli_trains_and_beats_random_ranking(model, train_mode, tiny_ml100k, tmp_path):
     data_path, name = tiny_ml100k
-    output = run_cli([f"--model={model}", f"--dataset={name}", *cli_settings(data_path)], cwd=tmp_path)
+    settings = cli_settings(data_path, train_mode=train_mode)
+    output = run_cli([f"--model={model}", f"--dataset={name}", *settings], cwd=tmp_path)
     table = results_table(output)
     assert set(table) == {"hit@10", "ndcg@10", "mrr@10"}, output[-2000:]
     assert all(math.isfinite(v) for pair in table.values() for v in pair)
@@ -78,6 +85,12 @@ def test_cli_trains_and_beats_random_ranking(model, tiny_ml100k, tmp_path):
         expected = "Mamba backend: cuda" if torch.cuda.is_available() else "Mamba backend: torch"
         assert expected in output
     assert "Trainable parameters" in output
+    # all_positions trains on windows: the log says how many, and that they hold every target.
+    windows = re.search(r"all_positions: ([\d,]+) windows of up to 10 items, ([\d,]+) targets per epoch "
+                        r"\(RecBole's prefix rows: ([\d,]+)\)", output)
+    assert (windows is not None) == (train_mode == "all_positions")
+    if windows:
+        assert windows.group(2) == windows.group(3)
 
 
 @pytest.mark.slow
@@ -87,3 +100,25 @@ def test_python_api_runs_and_reports(tiny_ml100k, tmp_path):
     assert set(result["test_result"]) == {"hit@10", "ndcg@10", "mrr@10"}
     assert result["trainable_parameters"] > 0
     assert (tmp_path / "saved").is_dir() and result["model_file"].endswith(".pth")
+
+
+@pytest.mark.slow
+def test_checkpoint_reloads_with_its_training_dataloader(tiny_ml100k, tmp_path):
+    data_path, name = tiny_ml100k
+    settings = {**FAST_SETTINGS, "data_path": data_path, "epochs": 1, "train_mode": "all_positions"}
+    result = run("Mamba4Rec", name, config_dict=settings)
+    config, model, _, train_data, _, test_data = load_data_and_model(result["model_file"])
+    assert config["train_mode"] == "all_positions" and isinstance(train_data, WindowDataLoader)
+
+    # A checkpoint written before train_mode and the sampled-loss keys existed loads with their defaults.
+    checkpoint = load_checkpoint(result["model_file"])
+    for key in ("train_mode", "negative_sampling", "num_negatives", "logq_correction", "ce_chunk_size"):
+        del checkpoint["config"].final_config_dict[key]
+    old_file = str(tmp_path / "old.pth")
+    torch.save(checkpoint, old_file)
+    config, old_model, _, train_data, _, _ = load_data_and_model(old_file)
+    assert config["train_mode"] == "prefix" and not isinstance(train_data, WindowDataLoader)
+    batch = next(iter(test_data))[0]
+    model.eval()
+    old_model.eval()
+    torch.testing.assert_close(old_model.full_sort_predict(batch), model.full_sort_predict(batch))

@@ -125,3 +125,126 @@ def test_losses_are_finite_and_backpropagate(loss_type):
     loss.backward()
     assert torch.isfinite(loss)
     assert model.mamba_layers[0].mamba.A_log.grad.abs().sum() > 0
+
+
+# All-position training ------------------------------------------------------------------------------
+
+N_ITEMS, MAX_LEN = 30, 6
+# Windows as WindowDataLoader builds them: inputs right-padded, the next item at each position.
+WINDOWS = torch.tensor([[3, 5, 7, 9, 11, 13], [2, 4, 0, 0, 0, 0], [8, 0, 0, 0, 0, 0], [1, 6, 10, 14, 0, 0]])
+WINDOW_TARGETS = torch.tensor(
+    [[5, 7, 9, 11, 13, 15], [4, 6, 0, 0, 0, 0], [12, 0, 0, 0, 0, 0], [6, 10, 14, 18, 0, 0]]
+)
+WINDOW_LENGTHS = torch.tensor([6, 2, 1, 4])
+
+
+def prefix_rows(model):
+    """RecBole's prefix rows for the windows' targets, in the same (window, position) order."""
+    rows, lengths, targets = [], [], []
+    for window, target, n in zip(WINDOWS, WINDOW_TARGETS, WINDOW_LENGTHS.tolist()):
+        for t in range(n):
+            rows.append(torch.cat([window[: t + 1], torch.zeros(MAX_LEN - t - 1, dtype=torch.long)]))
+            lengths.append(t + 1)
+            targets.append(target[t])
+    return batch(model, torch.stack(rows), torch.tensor(lengths), **{model.POS_ITEM_ID: torch.stack(targets)})
+
+
+def twin_models(loss_type, **settings):
+    """The same weights in train_mode all_positions and prefix, dropout off."""
+    common = {"dropout_prob": 0.0, "num_layers": 2, "MAX_ITEM_LIST_LENGTH": MAX_LEN, "loss_type": loss_type, **settings}
+    if loss_type == "BPR":  # prefix BPR takes its negatives from RecBole's dataloader
+        prefix_settings = {"train_neg_sample_args": {"distribution": "uniform", "sample_num": 1}}
+    else:
+        prefix_settings = {}
+    torch.manual_seed(0)
+    all_positions, _ = build(N_ITEMS, train_mode="all_positions", **common)
+    prefix, _ = build(N_ITEMS, train_mode="prefix", **common, **prefix_settings)
+    prefix.load_state_dict(all_positions.state_dict())
+    return all_positions, prefix
+
+
+def window_batch(model):
+    return batch(model, WINDOWS, WINDOW_LENGTHS, **{model.POS_ITEM_ID: WINDOW_TARGETS})
+
+
+def assert_same_loss_and_gradients(all_positions, prefix, prefix_interaction):
+    loss_all = all_positions.calculate_loss(window_batch(all_positions))
+    loss_prefix = prefix.calculate_loss(prefix_interaction)
+    torch.testing.assert_close(loss_all, loss_prefix, rtol=1e-5, atol=1e-6)
+    loss_all.backward()
+    loss_prefix.backward()
+    for (name, p_all), p_prefix in zip(all_positions.named_parameters(), prefix.parameters()):
+        torch.testing.assert_close(p_all.grad, p_prefix.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_all_position_ce_equals_the_mean_of_the_prefix_losses():
+    all_positions, prefix = twin_models("CE", ce_chunk_size=5)  # several chunks, one not full
+    assert_same_loss_and_gradients(all_positions, prefix, prefix_rows(prefix))
+
+
+def test_all_position_ce_is_the_plain_cross_entropy_of_every_position():
+    # The twin without chunks, straight from the hidden states of every real position.
+    all_positions, _ = twin_models("CE", ce_chunk_size=3)
+    loss = all_positions.calculate_loss(window_batch(all_positions))
+    hidden = all_positions.encode(WINDOWS, WINDOW_LENGTHS)
+    is_real = WINDOW_TARGETS > 0
+    logits = hidden[is_real] @ all_positions.item_embedding.weight.t()
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits, WINDOW_TARGETS[is_real]))
+
+
+@pytest.mark.parametrize("loss_type", ["BPR", "BCE", "SampledSoftmax"])
+def test_all_position_sampled_losses_equal_the_prefix_losses_for_the_same_negatives(loss_type, monkeypatch):
+    all_positions, prefix = twin_models(loss_type, num_negatives=1 if loss_type == "BPR" else 3)
+    n_positions = int(WINDOW_LENGTHS.sum())
+    # Fixed negatives (none equal to its position's target) for both models, in position order.
+    if loss_type == "SampledSoftmax":
+        negatives = torch.tensor([2, 17, 25])
+    else:
+        negatives = torch.randint(19, N_ITEMS, (n_positions, all_positions.num_negatives))
+    for model in (all_positions, prefix):
+        monkeypatch.setattr(model, "draw_negatives", lambda targets, shape: negatives)
+    rows = prefix_rows(prefix)
+    if loss_type == "BPR":  # prefix BPR reads its negatives from the batch, as RecBole gives them
+        rows[prefix.NEG_ITEM_ID] = negatives[:, 0]
+    assert_same_loss_and_gradients(all_positions, prefix, rows)
+
+
+def test_prefix_mode_losses_are_unchanged():
+    # CE: softmax over every item at the last position; BPR: RecBole's BPRLoss on its negatives.
+    torch.manual_seed(0)
+    model, _ = build(N_ITEMS, dropout_prob=0.0)
+    rows = prefix_rows(model)
+    seq_output = model(rows[model.ITEM_SEQ], rows[model.ITEM_SEQ_LEN])
+    expected = torch.nn.functional.cross_entropy(seq_output @ model.item_embedding.weight.t(), rows[model.POS_ITEM_ID])
+    torch.testing.assert_close(model.calculate_loss(rows), expected)
+
+    bpr, _ = build(N_ITEMS, dropout_prob=0.0, loss_type="BPR",
+                   train_neg_sample_args={"distribution": "uniform", "sample_num": 1})
+    bpr.load_state_dict(model.state_dict())
+    rows[bpr.NEG_ITEM_ID] = torch.randint(1, N_ITEMS, (len(rows[bpr.POS_ITEM_ID]),))
+    pos = (seq_output * model.item_embedding(rows[bpr.POS_ITEM_ID])).sum(-1)
+    neg = (seq_output * model.item_embedding(rows[bpr.NEG_ITEM_ID])).sum(-1)
+    torch.testing.assert_close(bpr.calculate_loss(rows), -torch.log(1e-10 + torch.sigmoid(pos - neg)).mean())
+
+
+def test_training_modes_and_losses_share_the_state_dict():
+    reference = set(build(N_ITEMS)[0].state_dict())
+    for settings in ({"train_mode": "all_positions"}, {"loss_type": "SampledSoftmax"}, {"loss_type": "BCE"}):
+        assert set(build(N_ITEMS, **settings)[0].state_dict()) == reference
+
+
+def test_sampled_losses_draw_their_negatives_in_the_model():
+    torch.manual_seed(0)
+    model, _ = build(N_ITEMS, loss_type="SampledSoftmax", train_mode="all_positions")
+    assert model.num_negatives == 256  # the loss's default when num_negatives is empty
+    seen = []
+    original = model.draw_negatives
+    model.draw_negatives = lambda targets, shape: seen.append(shape) or original(targets, shape)
+    loss = model.calculate_loss(window_batch(model))
+    loss.backward()
+    assert seen == [(256,)] and torch.isfinite(loss)
+    bce, _ = build(N_ITEMS, loss_type="BCE", negative_sampling="in_batch", num_negatives=2)
+    rows = prefix_rows(bce)
+    drawn = bce.draw_negatives(rows[bce.POS_ITEM_ID], (500, 2))
+    assert set(drawn.unique().tolist()) <= set(rows[bce.POS_ITEM_ID].tolist())
+    assert torch.isfinite(bce.calculate_loss(rows))

@@ -10,9 +10,10 @@ empty, and the settings that decide it.
 
 import os
 
-from recbole.data import create_dataset, data_preparation
+from recbole.data import create_dataset
 from recbole.utils import EvaluatorType
 
+from recbole_mamba.data.preparation import data_preparation  # RecBole's, honouring train_mode
 from recbole_mamba.errors import UserInputError
 
 _FILTER_KEYS = ("user_inter_num_interval", "item_inter_num_interval", "val_interval", "rm_dup_inter")

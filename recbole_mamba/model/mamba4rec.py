@@ -6,25 +6,39 @@ Item embedding -> dropout -> LayerNorm -> ``num_layers`` x [Mamba block -> dropo
 (-> + residual when num_layers > 1) -> LayerNorm -> position-wise FFN] -> the hidden state at the
 last real item -> dot product with every item embedding. Module names follow the authors' code, so
 their checkpoints' state dicts load here.
+
+Training (``train_mode``): ``prefix`` scores the last position of each of RecBole's prefix rows;
+``all_positions`` scores every real position of each window at once (the model is causal, so
+position t sees only the items up to t). Losses: see :mod:`recbole_mamba.nn.losses`.
 """
 
 import logging
 
+import torch
 from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.model.loss import BPRLoss
 from torch import nn
 
 from recbole_mamba.errors import UserInputError
+from recbole_mamba.nn import losses
 from recbole_mamba.nn.mamba_mixer import MambaMixer, resolve_backend
+
+LOSS_TYPES = ("CE", "BPR", "BCE", "SampledSoftmax")
+# num_negatives when the config leaves it empty: one per position for the pairwise losses, a shared
+# pool for the sampled softmax (which needs many to approximate the full one).
+DEFAULT_NUM_NEGATIVES = {"BPR": 1, "BCE": 1, "SampledSoftmax": 256}
 
 
 class Mamba4Rec(SequentialRecommender):
     r"""Mamba4Rec, a RecBole sequential recommender.
 
     Config keys (defaults in ``yaml/model/Mamba4Rec.yaml``): ``hidden_size``, ``num_layers``,
-    ``dropout_prob``, ``loss_type`` (CE or BPR), ``d_state``, ``d_conv``, ``expand``,
-    ``mamba_backend`` (auto, cuda or torch).
+    ``dropout_prob``, ``loss_type`` (CE, BPR, BCE or SampledSoftmax), ``d_state``, ``d_conv``,
+    ``expand``, ``mamba_backend`` (auto, cuda or torch), ``negative_sampling``, ``num_negatives``,
+    ``logq_correction``, ``ce_chunk_size``; and ``train_mode`` (``yaml/overall.yaml``).
     """
+
+    supports_all_positions = True  # see recbole_mamba.data.preparation
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
@@ -33,6 +47,11 @@ class Mamba4Rec(SequentialRecommender):
         self.num_layers = config["num_layers"]
         self.dropout_prob = config["dropout_prob"]
         self.loss_type = config["loss_type"]
+        self.train_mode = config["train_mode"]
+        self.negative_sampling = config["negative_sampling"]
+        self.num_negatives = config["num_negatives"] or DEFAULT_NUM_NEGATIVES.get(self.loss_type)
+        self.logq_correction = config["logq_correction"]
+        self.ce_chunk_size = config["ce_chunk_size"]
         self.backend, description = resolve_backend(config["mamba_backend"], config["device"])
         logging.getLogger().info(f"Mamba backend: {description}")
 
@@ -67,14 +86,38 @@ class Mamba4Rec(SequentialRecommender):
         dropout = config["dropout_prob"]
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
             raise UserInputError(f"dropout_prob must be a number in [0, 1), got {dropout!r}.")
-        if config["loss_type"] not in ("CE", "BPR"):
-            raise UserInputError(f"loss_type must be CE or BPR, got {config['loss_type']!r}.")
-        if config["loss_type"] == "BPR" and config["train_neg_sample_args"].get("distribution") == "none":
-            raise UserInputError(
-                "loss_type BPR needs negative samples: set train_neg_sample_args, e.g. "
-                "--train_neg_sample_args=\"{'distribution': 'uniform', 'sample_num': 1}\"."
-            )
+        Mamba4Rec._check_loss_config(config)
         resolve_backend(config["mamba_backend"], config["device"])  # fails early if unusable
+
+    @staticmethod
+    def _check_loss_config(config):
+        loss_type = config["loss_type"]
+        if loss_type not in LOSS_TYPES:
+            raise UserInputError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}.")
+        recbole_negatives = config["train_neg_sample_args"].get("distribution") != "none"
+        if loss_type == "BPR" and config["train_mode"] == "prefix" and not recbole_negatives:
+            raise UserInputError(
+                "loss_type BPR with train_mode prefix needs negative samples: set train_neg_sample_args, "
+                "e.g. --train_neg_sample_args=\"{'distribution': 'uniform', 'sample_num': 1}\"."
+            )
+        if loss_type in ("BCE", "SampledSoftmax") and recbole_negatives:
+            raise UserInputError(
+                f"loss_type {loss_type} draws its negatives inside the model (negative_sampling, "
+                "num_negatives): remove train_neg_sample_args."
+            )
+        if config["negative_sampling"] not in losses.NEGATIVE_SAMPLING:
+            raise UserInputError(
+                f"negative_sampling must be one of {', '.join(losses.NEGATIVE_SAMPLING)}, "
+                f"got {config['negative_sampling']!r}."
+            )
+        negatives = config["num_negatives"]
+        if negatives is not None and (not isinstance(negatives, int) or isinstance(negatives, bool) or negatives < 1):
+            raise UserInputError(f"num_negatives must be empty (the loss's default) or an integer >= 1, got {negatives!r}.")
+        if not isinstance(config["logq_correction"], bool):
+            raise UserInputError(f"logq_correction must be true or false, got {config['logq_correction']!r}.")
+        chunk = config["ce_chunk_size"]
+        if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
+            raise UserInputError(f"ce_chunk_size must be an integer >= 1, got {chunk!r}.")
 
     @staticmethod
     def _init_weights(module):
@@ -86,27 +129,67 @@ class Mamba4Rec(SequentialRecommender):
         if isinstance(module, nn.Linear) and module.bias is not None:
             module.bias.data.zero_()
 
-    def forward(self, item_seq, item_seq_len):
-        # RecBole pads on the right, so the last real item is at item_seq_len - 1, and, the model
-        # being causal, the columns after the batch's longest sequence cannot change any output:
-        # skip them (short-history data such as the Amazon sets is mostly padding at length 50).
+    def encode(self, item_seq, item_seq_len):
+        """Hidden states (B, T, hidden_size) at every position (T = the batch's longest sequence on a CPU)."""
+        # RecBole pads on the right and the model is causal, so the columns after the batch's
+        # longest sequence cannot change any output: skip them (short-history data such as the
+        # Amazon sets is mostly padding at length 50).
         # Not on a GPU: reading the maximum there waits for all queued work (a host-device sync).
         if not item_seq.is_cuda:
             item_seq = item_seq[:, : int(item_seq_len.max())]
         hidden = self.LayerNorm(self.dropout(self.item_embedding(item_seq)))
         for layer in self.mamba_layers:
             hidden = layer(hidden)
-        return self.gather_indexes(hidden, item_seq_len - 1)
+        return hidden
+
+    def forward(self, item_seq, item_seq_len):
+        """The hidden state at each sequence's last real item (position item_seq_len - 1)."""
+        return self.gather_indexes(self.encode(item_seq, item_seq_len), item_seq_len - 1)
 
     def calculate_loss(self, interaction):
-        seq_output = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
-        pos_items = interaction[self.POS_ITEM_ID]
-        if self.loss_type == "BPR":
-            pos_score = (seq_output * self.item_embedding(pos_items)).sum(dim=-1)
+        item_seq, item_seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
+        targets = interaction[self.POS_ITEM_ID]
+        if self.train_mode == "all_positions":
+            # A window: targets (B, L), the next item at each position; score every real position.
+            hidden = self.encode(item_seq, item_seq_len)
+            positions = torch.arange(hidden.size(1), device=hidden.device)
+            is_real = positions[None, :] < item_seq_len[:, None]
+            return self.position_loss(hidden[is_real], targets[:, : hidden.size(1)][is_real])
+
+        seq_output = self.forward(item_seq, item_seq_len)
+        if self.loss_type == "BPR":  # negatives from RecBole's dataloader, as in RecBole
+            pos_score = (seq_output * self.item_embedding(targets)).sum(dim=-1)
             neg_score = (seq_output * self.item_embedding(interaction[self.NEG_ITEM_ID])).sum(dim=-1)
             return self.loss_fct(pos_score, neg_score)
-        logits = seq_output @ self.item_embedding.weight.t()
-        return self.loss_fct(logits, pos_items)
+        if self.loss_type == "CE":
+            logits = seq_output @ self.item_embedding.weight.t()
+            return self.loss_fct(logits, targets)
+        return self.position_loss(seq_output, targets)
+
+    def position_loss(self, hidden, targets):
+        """The loss of (N, hidden_size) positions whose next items are ``targets`` (N,)."""
+        if self.loss_type == "CE":
+            return losses.chunked_cross_entropy(hidden, self.item_embedding.weight, targets, self.ce_chunk_size)
+        pos_scores = (hidden * self.item_embedding(targets)).sum(dim=-1)
+        if self.loss_type == "SampledSoftmax":
+            negatives = self.draw_negatives(targets, (self.num_negatives,))
+            neg_scores = hidden @ self.item_embedding(negatives).t()
+            log_q = {}
+            if self.logq_correction and self.negative_sampling == "in_batch":
+                log_q["log_q_pos"] = losses.in_batch_log_q(targets, targets, self.n_items)
+                log_q["log_q_neg"] = losses.in_batch_log_q(targets, negatives, self.n_items)
+            # (uniform negatives: every item's log q is the same, which cancels in the softmax)
+            return losses.sampled_softmax_loss(pos_scores, neg_scores, targets, negatives, **log_q)
+        negatives = self.draw_negatives(targets, (targets.numel(), self.num_negatives))
+        neg_scores = torch.einsum("nd,nkd->nk", hidden, self.item_embedding(negatives))
+        not_target = negatives != targets[:, None]
+        if self.loss_type == "BPR":
+            return losses.bpr_loss(pos_scores, neg_scores, not_target)
+        return losses.bce_loss(pos_scores, neg_scores, not_target)
+
+    def draw_negatives(self, targets, shape):
+        """Negative item ids of ``shape`` for the positions whose targets are ``targets``."""
+        return losses.sample_negatives(targets, shape, self.n_items, self.negative_sampling)
 
     def predict(self, interaction):
         seq_output = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])

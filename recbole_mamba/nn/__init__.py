@@ -1,1 +1,1 @@
-"""Building blocks: the Mamba mixer with its backends, and the pure-PyTorch selective scan."""
+"""Building blocks: the Mamba mixer with its backends, the pure-PyTorch selective scan, and the losses."""

@@ -1,0 +1,149 @@
+"""Training windows for all-position training, cut from RecBole's own training split.
+
+RecBole's sequential training set holds one row per training target: the target item and its
+history (the up to ``MAX_ITEM_LIST_LENGTH`` items before it). A causal model predicts every
+position's next item in one pass, so the same targets are covered by far fewer, longer samples:
+
+1. :func:`user_sequences` rebuilds each user's training sequence from those rows: the first row's
+   history (one item with RecBole's augmentation), then every row's target in order;
+2. :func:`cut_windows` cuts each sequence, from its end backwards, into windows of at most
+   ``max_len`` inputs whose next items are the targets; consecutive windows share one item (the
+   last target of one is the first input of the next), so every target occurs exactly once and a
+   user's first item is only ever an input;
+3. :class:`TrainingWindows` stores the sequences once (a flat item array with offsets) and builds
+   a batch of windows on demand.
+
+Everything is vectorised over rows: no Python loop per interaction.
+"""
+
+import numpy as np
+import torch
+from recbole.data.interaction import Interaction
+
+
+def user_sequences(user_ids, histories, history_lengths, targets):
+    """Each user's training sequence, from RecBole's augmented rows.
+
+    Args:
+        user_ids: (R,) the user of each row.
+        histories: (R, L) each row's history, right-padded.
+        history_lengths: (R,) real items in each history.
+        targets: (R,) each row's target item.
+
+    A user's rows must appear in time order (RecBole's splits keep them so); rows of different
+    users may interleave.
+
+    Returns:
+        ``(users, offsets, items)``: user ``users[u]``'s sequence is
+        ``items[offsets[u]:offsets[u + 1]]``.
+
+    Raises:
+        ValueError: if the rows are not the prefixes of one sequence per user.
+    """
+    user_ids, histories = np.asarray(user_ids), np.asarray(histories)
+    history_lengths, targets = np.asarray(history_lengths), np.asarray(targets)
+    n_rows, max_len = histories.shape
+    order = np.argsort(user_ids, kind="stable")  # group rows by user, keeping their time order
+    user_ids, histories = user_ids[order], histories[order]
+    history_lengths, targets = history_lengths[order], targets[order]
+    if n_rows and history_lengths.min() < 1:
+        raise ValueError("every training row needs a history of at least one item")
+
+    is_first = np.ones(n_rows, dtype=bool)
+    is_first[1:] = user_ids[1:] != user_ids[:-1]
+    first_rows = np.flatnonzero(is_first)
+    user_of_row = np.cumsum(is_first) - 1
+    rank = np.arange(n_rows) - first_rows[user_of_row]  # index of a row among its user's rows
+    prefix_len = history_lengths[first_rows]  # items before the user's first target
+    seq_len = prefix_len + np.diff(np.append(first_rows, n_rows))
+    offsets = np.concatenate([[0], np.cumsum(seq_len)])
+
+    items = np.empty(offsets[-1], dtype=histories.dtype)
+    columns = np.arange(max_len)
+    in_prefix = columns[None, :] < prefix_len[:, None]
+    items[(offsets[:-1, None] + columns)[in_prefix]] = histories[first_rows][in_prefix]
+    target_pos = offsets[user_of_row] + prefix_len[user_of_row] + rank
+    items[target_pos] = targets
+
+    # Each row must be the prefix ending just before its target: its length is the capped number
+    # of items before the target, and its last item is the one just before the target.
+    expected_len = np.minimum(prefix_len[user_of_row] + rank, max_len)
+    last_item = histories[np.arange(n_rows), history_lengths - 1]
+    if (history_lengths != expected_len).any() or (last_item != items[target_pos - 1]).any():
+        raise ValueError(
+            "the training rows are not the prefixes of one time-ordered sequence per user "
+            "(RecBole's sequential augmentation)"
+        )
+    return user_ids[first_rows], offsets, items
+
+
+def cut_windows(seq_lengths, max_len):
+    """Cut sequences into windows of at most ``max_len`` inputs, from each sequence's end backwards.
+
+    A sequence of n items has n - 1 targets (items 1 .. n-1, each predicted from the items before
+    it); window j (0 = the latest) holds the inputs ``[max(0, e - max_len), e)`` with
+    ``e = n - 1 - j * max_len``, and their targets one item later. The earliest window of a
+    sequence is the short one.
+
+    Returns:
+        ``(sequence, start, length)`` per window: the sequence it comes from, its first input's
+        index within that sequence, and its number of inputs (= targets).
+    """
+    seq_lengths = np.asarray(seq_lengths, dtype=np.int64)
+    n_targets = np.maximum(seq_lengths - 1, 0)
+    n_windows = -(-n_targets // max_len)  # ceil
+    sequence = np.repeat(np.arange(len(seq_lengths)), n_windows)
+    first_window = np.cumsum(n_windows) - n_windows
+    back = np.arange(len(sequence)) - np.repeat(first_window, n_windows)  # 0 = latest window
+    end = n_targets[sequence] - back * max_len
+    start = np.maximum(end - max_len, 0)
+    return sequence, start, end - start
+
+
+class TrainingWindows:
+    """Every training window of a RecBole sequential training set, and batches of them.
+
+    A batch is an :class:`~recbole.data.interaction.Interaction` with RecBole's field names:
+    ``user_id`` (B,), ``item_id_list`` (B, max_len) right-padded with 0, ``item_length`` (B,) and
+    ``item_id`` (B, max_len): the target at each position (the next item), 0 at padding.
+    """
+
+    def __init__(self, dataset, max_len):
+        self.max_len = max_len
+        self.uid_field, self.iid_field = dataset.uid_field, dataset.iid_field
+        self.item_seq_field, self.item_len_field = dataset.item_id_list_field, dataset.item_list_length_field
+        feat = dataset.inter_feat
+        users, offsets, items = user_sequences(
+            feat[self.uid_field].numpy(),
+            feat[self.item_seq_field].numpy(),
+            feat[self.item_len_field].numpy(),
+            feat[self.iid_field].numpy(),
+        )
+        sequence, start, length = cut_windows(np.diff(offsets), max_len)
+        self.items = torch.from_numpy(items).long()
+        self.window_user = torch.from_numpy(users[sequence]).long()
+        self.window_start = torch.from_numpy(offsets[sequence] + start).long()
+        self.window_length = torch.from_numpy(length).long()
+        self.n_targets = int(length.sum())
+
+    def __len__(self):
+        return len(self.window_length)
+
+    def batch(self, index):
+        """The windows ``index`` as one Interaction."""
+        index = torch.as_tensor(index, dtype=torch.long)
+        length = self.window_length[index]
+        columns = torch.arange(self.max_len + 1)
+        # Items start .. start + length: the inputs, plus the last target.
+        in_window = columns[None, :] <= length[:, None]
+        position = torch.where(in_window, self.window_start[index, None] + columns, 0)
+        items = torch.where(in_window, self.items[position], 0)
+        is_input = columns[None, : self.max_len] < length[:, None]
+        return Interaction(
+            {
+                self.uid_field: self.window_user[index],
+                self.item_seq_field: items[:, :-1] * is_input,
+                self.item_len_field: length,
+                self.iid_field: items[:, 1:],
+            }
+        )
