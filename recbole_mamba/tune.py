@@ -23,6 +23,7 @@ import importlib.util
 import logging
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -516,9 +517,15 @@ def _error_line(error):
     return f"{type(cause).__name__}: {text[-1] if text else ''}"
 
 
+# RecBole names the best model's checkpoint '<model>-<%b-%d-%Y_%H-%M-%S>.pth'; other files may sit
+# beside it (a resumable '-last.pth', a '.tmp-' file of an interrupted save).
+_BEST_MODEL_FILE = re.compile(r"^\w+-[^-]+-\d{2}-\d{4}_\d{2}-\d{2}-\d{2}\.pth$")
+
+
 def _checkpoint(trial_dir):
+    """The best model's checkpoint in a trial's folder ('' if it saved none)."""
     folder = os.path.join(trial_dir, "saved")
-    files = sorted(f for f in os.listdir(folder) if f.endswith(".pth")) if os.path.isdir(folder) else []
+    files = sorted(f for f in os.listdir(folder) if _BEST_MODEL_FILE.match(f)) if os.path.isdir(folder) else []
     return os.path.join(folder, files[-1]) if files else ""
 
 

@@ -139,6 +139,15 @@ def test_unavailable_search_algorithm_says_what_to_install(small_data, tmp_path,
                              options=search_module.SearchOptions(search_alg="optuna"))
 
 
+def test_the_best_model_checkpoint_is_told_from_other_files_beside_it(tmp_path):
+    saved = tmp_path / "trial" / "saved"
+    saved.mkdir(parents=True)
+    for name in ("Mamba4Rec-Nov-22-2026_16-25-33-last.pth", ".tmp-x1y2.pth", "Mamba4Rec-Nov-22-2026_16-25-33.pth"):
+        (saved / name).write_bytes(b"")
+    assert search_module._checkpoint(str(tmp_path / "trial")) == str(saved / "Mamba4Rec-Nov-22-2026_16-25-33.pth")
+    assert search_module._checkpoint(str(tmp_path / "no-such-trial")) == ""
+
+
 def test_trials_use_the_gpus_ray_assigned(small_data, monkeypatch):
     """RecBole's Config sets CUDA_VISIBLE_DEVICES from gpu_id: a trial passes Ray's assignment."""
     import ray
