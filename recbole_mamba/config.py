@@ -230,8 +230,21 @@ class Config(RecBoleConfig):
         mode = self.final_config_dict.get("train_mode")
         if mode not in TRAIN_MODES:
             raise UserInputError(f"train_mode must be one of {', '.join(TRAIN_MODES)}, got {mode!r}.")
+        stride = self.final_config_dict.get("window_stride")
         if mode == "prefix":
+            if stride is not None:
+                raise UserInputError(
+                    f"window_stride (got {stride!r}) sets how far apart the windows of "
+                    "train_mode=all_positions are cut; train_mode=prefix has no windows: "
+                    "leave window_stride empty, or use train_mode=all_positions."
+                )
             return
+        max_len = self.final_config_dict.get("MAX_ITEM_LIST_LENGTH")
+        if stride is not None and (not _is_int(stride) or not 1 <= stride <= max_len):
+            raise UserInputError(
+                f"window_stride must be empty (windows do not overlap) or an integer in "
+                f"1..MAX_ITEM_LIST_LENGTH (1..{max_len}), got {stride!r}."
+            )
         if not getattr(self.model_class, "supports_all_positions", False):
             raise UserInputError(
                 f"train_mode=all_positions needs a model that predicts the next item at every position; "

@@ -112,6 +112,19 @@ def test_all_positions_refuses_recboles_negative_sampling(empty_cwd, capsys):
     assert "loss_type BCE draws its negatives inside the model" in err
 
 
+@pytest.mark.parametrize("stride, shown", [("0", "0"), ("51", "51"), ("2.5", "2.5"), ("half", "'half'")])
+def test_window_stride_outside_1_to_max_len(stride, shown, empty_cwd, capsys):
+    args = ["--model=Mamba4Rec", "--dataset=ml-100k", "--train_mode=all_positions", f"--window_stride={stride}"]
+    err = fail_with_message(args, capsys, empty_cwd)
+    assert "window_stride must be empty" in err and "1..MAX_ITEM_LIST_LENGTH (1..50)" in err
+    assert f"got {shown}." in err
+
+
+def test_window_stride_only_with_all_positions(empty_cwd, capsys):
+    err = fail_with_message(["--model=Mamba4Rec", "--dataset=ml-100k", "--window_stride=3"], capsys, empty_cwd)
+    assert "window_stride (got 3)" in err and "train_mode=prefix has no windows" in err
+
+
 def test_missing_config_file(empty_cwd, capsys, tmp_path):
     missing = tmp_path / "nope.yaml"
     err = fail_with_message(["--model=Mamba4Rec", "--dataset=ml-100k", f"--config_files={missing}"], capsys, empty_cwd)

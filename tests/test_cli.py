@@ -86,11 +86,12 @@ def test_cli_trains_and_beats_random_ranking(model, train_mode, tiny_ml100k, tmp
         assert expected in output
     assert "Trainable parameters" in output
     # all_positions trains on windows: the log says how many, and that they hold every target.
-    windows = re.search(r"all_positions: ([\d,]+) windows of up to 10 items, ([\d,]+) targets per epoch "
-                        r"\(RecBole's prefix rows: ([\d,]+)\)", output)
+    # Without window_stride the windows do not overlap: every input token's next item is a target.
+    windows = re.search(r"all_positions: ([\d,]+) windows of up to 10 items, window_stride 10: ([\d,]+) input "
+                        r"tokens for ([\d,]+) targets per epoch \(RecBole's prefix rows: ([\d,]+)\)", output)
     assert (windows is not None) == (train_mode == "all_positions")
     if windows:
-        assert windows.group(2) == windows.group(3)
+        assert windows.group(2) == windows.group(3) == windows.group(4)
 
 
 @pytest.mark.slow

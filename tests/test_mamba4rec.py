@@ -136,39 +136,45 @@ WINDOW_TARGETS = torch.tensor(
     [[5, 7, 9, 11, 13, 15], [4, 6, 0, 0, 0, 0], [12, 0, 0, 0, 0, 0], [6, 10, 14, 18, 0, 0]]
 )
 WINDOW_LENGTHS = torch.tensor([6, 2, 1, 4])
+# The same windows cut with window_stride 4: the full window's first 2 positions are context only.
+STRIDE_TARGETS = torch.tensor(
+    [[0, 0, 9, 11, 13, 15], [4, 6, 0, 0, 0, 0], [12, 0, 0, 0, 0, 0], [6, 10, 14, 18, 0, 0]]
+)
 
 
-def prefix_rows(model):
-    """RecBole's prefix rows for the windows' targets, in the same (window, position) order."""
+def prefix_rows(model, window_targets=WINDOW_TARGETS):
+    """RecBole's prefix rows for the windows' scored targets, in the same (window, position) order."""
     rows, lengths, targets = [], [], []
-    for window, target, n in zip(WINDOWS, WINDOW_TARGETS, WINDOW_LENGTHS.tolist()):
+    for window, target, n in zip(WINDOWS, window_targets, WINDOW_LENGTHS.tolist()):
         for t in range(n):
+            if target[t] == 0:  # context only
+                continue
             rows.append(torch.cat([window[: t + 1], torch.zeros(MAX_LEN - t - 1, dtype=torch.long)]))
             lengths.append(t + 1)
             targets.append(target[t])
     return batch(model, torch.stack(rows), torch.tensor(lengths), **{model.POS_ITEM_ID: torch.stack(targets)})
 
 
-def twin_models(loss_type, **settings):
-    """The same weights in train_mode all_positions and prefix, dropout off."""
+def twin_models(loss_type, window_stride=None, **settings):
+    """The same weights in train_mode all_positions (with ``window_stride``) and prefix, dropout off."""
     common = {"dropout_prob": 0.0, "num_layers": 2, "MAX_ITEM_LIST_LENGTH": MAX_LEN, "loss_type": loss_type, **settings}
     if loss_type == "BPR":  # prefix BPR takes its negatives from RecBole's dataloader
         prefix_settings = {"train_neg_sample_args": {"distribution": "uniform", "sample_num": 1}}
     else:
         prefix_settings = {}
     torch.manual_seed(0)
-    all_positions, _ = build(N_ITEMS, train_mode="all_positions", **common)
+    all_positions, _ = build(N_ITEMS, train_mode="all_positions", window_stride=window_stride, **common)
     prefix, _ = build(N_ITEMS, train_mode="prefix", **common, **prefix_settings)
     prefix.load_state_dict(all_positions.state_dict())
     return all_positions, prefix
 
 
-def window_batch(model):
-    return batch(model, WINDOWS, WINDOW_LENGTHS, **{model.POS_ITEM_ID: WINDOW_TARGETS})
+def window_batch(model, window_targets=WINDOW_TARGETS):
+    return batch(model, WINDOWS, WINDOW_LENGTHS, **{model.POS_ITEM_ID: window_targets})
 
 
-def assert_same_loss_and_gradients(all_positions, prefix, prefix_interaction):
-    loss_all = all_positions.calculate_loss(window_batch(all_positions))
+def assert_same_loss_and_gradients(all_positions, prefix, prefix_interaction, window_targets=WINDOW_TARGETS):
+    loss_all = all_positions.calculate_loss(window_batch(all_positions, window_targets))
     loss_prefix = prefix.calculate_loss(prefix_interaction)
     torch.testing.assert_close(loss_all, loss_prefix, rtol=1e-5, atol=1e-6)
     loss_all.backward()
@@ -177,9 +183,12 @@ def assert_same_loss_and_gradients(all_positions, prefix, prefix_interaction):
         torch.testing.assert_close(p_all.grad, p_prefix.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_all_position_ce_equals_the_mean_of_the_prefix_losses():
-    all_positions, prefix = twin_models("CE", ce_chunk_size=5)  # several chunks, one not full
-    assert_same_loss_and_gradients(all_positions, prefix, prefix_rows(prefix))
+@pytest.mark.parametrize("stride", [None, 4])
+def test_all_position_ce_equals_the_mean_of_the_prefix_losses(stride):
+    window_targets = WINDOW_TARGETS if stride is None else STRIDE_TARGETS
+    # several chunks, one not full
+    all_positions, prefix = twin_models("CE", ce_chunk_size=5, window_stride=stride)
+    assert_same_loss_and_gradients(all_positions, prefix, prefix_rows(prefix, window_targets), window_targets)
 
 
 def test_all_position_ce_is_the_plain_cross_entropy_of_every_position():
@@ -192,10 +201,14 @@ def test_all_position_ce_is_the_plain_cross_entropy_of_every_position():
     torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits, WINDOW_TARGETS[is_real]))
 
 
+@pytest.mark.parametrize("stride", [None, 4])
 @pytest.mark.parametrize("loss_type", ["BPR", "BCE", "SampledSoftmax"])
-def test_all_position_sampled_losses_equal_the_prefix_losses_for_the_same_negatives(loss_type, monkeypatch):
-    all_positions, prefix = twin_models(loss_type, num_negatives=1 if loss_type == "BPR" else 3)
-    n_positions = int(WINDOW_LENGTHS.sum())
+def test_all_position_sampled_losses_equal_the_prefix_losses_for_the_same_negatives(loss_type, stride, monkeypatch):
+    window_targets = WINDOW_TARGETS if stride is None else STRIDE_TARGETS
+    all_positions, prefix = twin_models(
+        loss_type, num_negatives=1 if loss_type == "BPR" else 3, window_stride=stride
+    )
+    n_positions = int((window_targets > 0).sum())
     # Fixed negatives (none equal to its position's target) for both models, in position order.
     if loss_type == "SampledSoftmax":
         negatives = torch.tensor([2, 17, 25])
@@ -203,10 +216,10 @@ def test_all_position_sampled_losses_equal_the_prefix_losses_for_the_same_negati
         negatives = torch.randint(19, N_ITEMS, (n_positions, all_positions.num_negatives))
     for model in (all_positions, prefix):
         monkeypatch.setattr(model, "draw_negatives", lambda targets, shape: negatives)
-    rows = prefix_rows(prefix)
+    rows = prefix_rows(prefix, window_targets)
     if loss_type == "BPR":  # prefix BPR reads its negatives from the batch, as RecBole gives them
         rows[prefix.NEG_ITEM_ID] = negatives[:, 0]
-    assert_same_loss_and_gradients(all_positions, prefix, rows)
+    assert_same_loss_and_gradients(all_positions, prefix, rows, window_targets)
 
 
 def test_prefix_mode_losses_are_unchanged():

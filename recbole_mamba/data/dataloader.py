@@ -18,19 +18,20 @@ class WindowDataLoader(AbstractDataLoader):
     """Batches of :class:`~recbole_mamba.data.windows.TrainingWindows` of RecBole's training ``dataset``.
 
     Args:
-        config: the run's Config (``MAX_ITEM_LIST_LENGTH``, ``train_batch_size``, ``seed``, ``worker``).
+        config: the run's Config (``MAX_ITEM_LIST_LENGTH``, ``window_stride``, ``train_batch_size``, ``seed``, ``worker``).
         dataset: RecBole's training dataset (the augmented prefix rows of the training split).
         sampler: unused (negatives are drawn by the model); kept for RecBole's signature.
         shuffle: new window order every epoch.
     """
 
     def __init__(self, config, dataset, sampler=None, shuffle=True):
-        self.windows = TrainingWindows(dataset, config["MAX_ITEM_LIST_LENGTH"])
+        self.windows = TrainingWindows(dataset, config["MAX_ITEM_LIST_LENGTH"], config["window_stride"])
         self.sample_size = len(self.windows)
         super().__init__(config, dataset, sampler, shuffle=shuffle)
         getLogger().info(
             set_color("[Training]: ", "pink")
             + f"all_positions: {len(self.windows):,} windows of up to {self.windows.max_len} items, "
+            f"window_stride {self.windows.stride}: {self.windows.n_inputs:,} input tokens for "
             f"{self.windows.n_targets:,} targets per epoch (RecBole's prefix rows: {len(dataset):,})"
         )
 

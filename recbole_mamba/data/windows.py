@@ -7,9 +7,11 @@ position's next item in one pass, so the same targets are covered by far fewer, 
 1. :func:`user_sequences` rebuilds each user's training sequence from those rows: the first row's
    history (one item with RecBole's augmentation), then every row's target in order;
 2. :func:`cut_windows` cuts each sequence, from its end backwards, into windows of at most
-   ``max_len`` inputs whose next items are the targets; consecutive windows share one item (the
-   last target of one is the first input of the next), so every target occurs exactly once and a
-   user's first item is only ever an input;
+   ``max_len`` inputs whose next items are the targets. Consecutive windows end ``stride`` targets
+   apart, and a window's loss is taken only at the targets no later window scores, so every target
+   is scored exactly once and a user's first item is only ever an input. With ``stride < max_len``
+   windows overlap: the first ``max_len - stride`` positions of a window are context only, giving
+   its scored targets a longer history;
 3. :class:`TrainingWindows` stores the sequences once (a flat item array with offsets) and builds
    a batch of windows on demand.
 
@@ -77,27 +79,34 @@ def user_sequences(user_ids, histories, history_lengths, targets):
     return user_ids[first_rows], offsets, items
 
 
-def cut_windows(seq_lengths, max_len):
+def cut_windows(seq_lengths, max_len, stride=None):
     """Cut sequences into windows of at most ``max_len`` inputs, from each sequence's end backwards.
 
     A sequence of n items has n - 1 targets (items 1 .. n-1, each predicted from the items before
     it); window j (0 = the latest) holds the inputs ``[max(0, e - max_len), e)`` with
-    ``e = n - 1 - j * max_len``, and their targets one item later. The earliest window of a
-    sequence is the short one.
+    ``e = n - 1 - j * stride``, and their targets one item later. Its loss is taken at its last
+    ``stride`` positions, the targets the later windows do not score; the earliest window, the one
+    that starts at input 0, scores all its positions no later window scores, and is the last one
+    cut. ``stride`` None means ``max_len``: windows that do not overlap, every position scored.
 
     Returns:
-        ``(sequence, start, length)`` per window: the sequence it comes from, its first input's
-        index within that sequence, and its number of inputs (= targets).
+        ``(sequence, start, length, loss_start)`` per window: the sequence it comes from, its first
+        input's index within that sequence, its number of inputs, and the first of its positions
+        whose target is scored (the ones before are context only).
     """
+    stride = max_len if stride is None else stride
     seq_lengths = np.asarray(seq_lengths, dtype=np.int64)
     n_targets = np.maximum(seq_lengths - 1, 0)
-    n_windows = -(-n_targets // max_len)  # ceil
+    # One window holding the first max_len targets, plus one per stride of the targets after them.
+    n_windows = np.where(n_targets > 0, 1 + -(-np.maximum(n_targets - max_len, 0) // stride), 0)
     sequence = np.repeat(np.arange(len(seq_lengths)), n_windows)
     first_window = np.cumsum(n_windows) - n_windows
     back = np.arange(len(sequence)) - np.repeat(first_window, n_windows)  # 0 = latest window
-    end = n_targets[sequence] - back * max_len
+    end = n_targets[sequence] - back * stride
     start = np.maximum(end - max_len, 0)
-    return sequence, start, end - start
+    # Every window but the earliest is full (max_len inputs) and scores its last stride positions.
+    loss_start = np.where(start > 0, max_len - stride, 0)
+    return sequence, start, end - start, loss_start
 
 
 class TrainingWindows:
@@ -105,11 +114,14 @@ class TrainingWindows:
 
     A batch is an :class:`~recbole.data.interaction.Interaction` with RecBole's field names:
     ``user_id`` (B,), ``item_id_list`` (B, max_len) right-padded with 0, ``item_length`` (B,) and
-    ``item_id`` (B, max_len): the target at each position (the next item), 0 at padding.
+    ``item_id`` (B, max_len): the target at each position (the next item), 0 at padding and at a
+    window's context-only positions (see :func:`cut_windows`), so a model scores the positions whose
+    target is > 0.
     """
 
-    def __init__(self, dataset, max_len):
+    def __init__(self, dataset, max_len, stride=None):
         self.max_len = max_len
+        self.stride = max_len if stride is None else stride
         self.uid_field, self.iid_field = dataset.uid_field, dataset.iid_field
         self.item_seq_field, self.item_len_field = dataset.item_id_list_field, dataset.item_list_length_field
         feat = dataset.inter_feat
@@ -119,12 +131,14 @@ class TrainingWindows:
             feat[self.item_len_field].numpy(),
             feat[self.iid_field].numpy(),
         )
-        sequence, start, length = cut_windows(np.diff(offsets), max_len)
+        sequence, start, length, loss_start = cut_windows(np.diff(offsets), max_len, stride)
         self.items = torch.from_numpy(items).long()
         self.window_user = torch.from_numpy(users[sequence]).long()
         self.window_start = torch.from_numpy(offsets[sequence] + start).long()
         self.window_length = torch.from_numpy(length).long()
-        self.n_targets = int(length.sum())
+        self.window_loss_start = torch.from_numpy(loss_start).long()
+        self.n_inputs = int(length.sum())
+        self.n_targets = int((length - loss_start).sum())
 
     def __len__(self):
         return len(self.window_length)
@@ -139,11 +153,12 @@ class TrainingWindows:
         position = torch.where(in_window, self.window_start[index, None] + columns, 0)
         items = torch.where(in_window, self.items[position], 0)
         is_input = columns[None, : self.max_len] < length[:, None]
+        is_scored = columns[None, : self.max_len] >= self.window_loss_start[index, None]
         return Interaction(
             {
                 self.uid_field: self.window_user[index],
                 self.item_seq_field: items[:, :-1] * is_input,
                 self.item_len_field: length,
-                self.iid_field: items[:, 1:],
+                self.iid_field: items[:, 1:] * is_scored,
             }
         )

@@ -9,7 +9,8 @@ their checkpoints' state dicts load here.
 
 Training (``train_mode``): ``prefix`` scores the last position of each of RecBole's prefix rows;
 ``all_positions`` scores every real position of each window at once (the model is causal, so
-position t sees only the items up to t). Losses: see :mod:`recbole_mamba.nn.losses`.
+position t sees only the items up to t), except the context-only positions of overlapping windows
+(``window_stride``), which have no target. Losses: see :mod:`recbole_mamba.nn.losses`.
 """
 
 import logging
@@ -150,11 +151,13 @@ class Mamba4Rec(SequentialRecommender):
         item_seq, item_seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
         targets = interaction[self.POS_ITEM_ID]
         if self.train_mode == "all_positions":
-            # A window: targets (B, L), the next item at each position; score every real position.
+            # A window: targets (B, L), the next item at each position, 0 at padding and at the
+            # context-only positions of overlapping windows; score the real positions with a target.
             hidden = self.encode(item_seq, item_seq_len)
+            targets = targets[:, : hidden.size(1)]
             positions = torch.arange(hidden.size(1), device=hidden.device)
-            is_real = positions[None, :] < item_seq_len[:, None]
-            return self.position_loss(hidden[is_real], targets[:, : hidden.size(1)][is_real])
+            is_scored = (positions[None, :] < item_seq_len[:, None]) & (targets > 0)
+            return self.position_loss(hidden[is_scored], targets[is_scored])
 
         seq_output = self.forward(item_seq, item_seq_len)
         if self.loss_type == "BPR":  # negatives from RecBole's dataloader, as in RecBole
