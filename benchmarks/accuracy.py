@@ -14,12 +14,12 @@ stopping), after ``--epochs``, or at the first validation past ``--time_limit`` 
 
 A run is a model with optional settings, as in efficiency.py: ``"Mamba4Rec[train_mode=all_positions]"``.
 Runs are listed in ``--runs`` and run one after another; to use several GPUs, start one process per
-GPU with its own ``--name`` and ``--gpu_id``, then ``--report NAME...`` joins their JSON files into one
+GPU with its own ``--name`` and ``--gpu_id``, then ``--report FILE.json...`` joins their JSON files into one
 table (``accuracy.md``) and a plot of validation NDCG@10 against wall time (``accuracy.png``).
 
     python benchmarks/accuracy.py --dataset=ml-1m --data_path=/data --name=accuracy-ml-1m \\
         --runs "Mamba4Rec" "Mamba4Rec[train_mode=all_positions,train_batch_size=64]" SASRec
-    python benchmarks/accuracy.py --report accuracy-ml-1m accuracy-amazon-beauty
+    python benchmarks/accuracy.py --report benchmarks/results/accuracy_runs/*.json
 """
 
 import argparse
@@ -167,8 +167,8 @@ PUBLISHED_ML1M = {"hit@10": 0.3121, "ndcg@10": 0.1822}
 def markdown(rows):
     lines = [
         "| dataset | run | train_mode | epochs run (stopped) | best epoch | time to best (s) | s per epoch "
-        "| test hit@10 | test ndcg@10 | test mrr@10 | ml-1m: first at the published figures (epoch, s) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| test hit@10 | test ndcg@10 | test mrr@10 | ml-1m: first at the published figures (epoch, s) | GPU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         per_epoch = row["total_s"] / max(row["epochs_run"], 1)
@@ -176,28 +176,30 @@ def markdown(rows):
         cells = [row["dataset"], f"`{row['run']}`", row["train_mode"], f"{row['epochs_run']} ({row['stopped']})",
                  str(row["best_epoch"]), f"{row['time_to_best_s']:.1f}", f"{per_epoch:.2f}",
                  *(f"{row['test'][m]:.4f}" for m in METRICS),
-                 f"{reached[0]}, {reached[1]:.1f}" if reached else "-"]
+                 f"{reached[0]}, {reached[1]:.1f}" if reached else "-", row.get("conditions", "")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def report(names):
-    """Join results/<name>.json files into results/accuracy.{md,json} and accuracy.png."""
+def report(paths):
+    """Join result JSON files into results/accuracy.{md,json} and accuracy.png."""
     blocks, rows = [], []
-    for name in names:
-        data = json.loads((_report.RESULTS / f"{name}.json").read_text())
+    for path in paths:
+        data = json.loads(Path(path).read_text())
         env = data["environment"]
-        blocks.append(f"- `{name}`: {env['date']}, {env['device']}, git {env['git_revision']}, `{env['command']}`")
-        rows.extend(data["results"])
-    table = markdown(rows)
+        conditions = env.get("conditions", "")
+        blocks.append(f"- `{Path(path).name}`: {env['date']}, {env['device']}, git {env['git_revision']}"
+                      + (f", {conditions}" if conditions else "") + f"; `{env['command']}`")
+        for row in data["results"]:
+            rows.append({**row, "conditions": conditions, "source": Path(path).name})
     notes = (
         "Time is wall time from the start of training: training epochs, validation after each epoch and "
         "checkpoint writing (test evaluations at improvements are not counted). Test metrics are those of "
-        "the best validation NDCG@10 epoch. 'first reaching the target': the first epoch that improved "
+        "the best validation NDCG@10 epoch. 'first at the published figures': the first epoch that improved "
         "validation and whose model reaches the published Mamba4Rec test HR@10 0.3121 and NDCG@10 0.1822 "
-        "on ml-1m.\n\nRuns:\n" + "\n".join(blocks)
+        "on ml-1m ('-': never).\n\nRuns:\n" + "\n".join(blocks)
     )
-    _report.write("accuracy", _report.environment(), rows, table, notes)
+    _report.write("accuracy", _report.environment(), rows, markdown(rows), notes)
     plot(rows)
 
 
@@ -210,16 +212,19 @@ def plot(rows):
     except ImportError:
         print("matplotlib not installed: no plot (pip install -e '.[bench]')")
         return
+    rows = [row for row in rows if "search" not in row.get("conditions", "")]  # hyperparameter trials: table only
     datasets = sorted({row["dataset"] for row in rows})
-    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 5), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
         for row in (r for r in rows if r["dataset"] == dataset):
             xs = [e["elapsed_s"] for e in row["epochs"]]
-            ax.plot(xs, [e["valid_ndcg@10"] for e in row["epochs"]], marker=".", label=row["run"])
+            extra = ",".join(f"{k}={v}" for k, v in row["overrides"].items() if k != "train_mode")
+            label = f"{row['model']} {row['train_mode']}" + (f"\n({extra})" if extra else "")
+            ax.plot(xs, [e["valid_ndcg@10"] for e in row["epochs"]], marker=".", label=label)
         ax.set_xscale("log")
         ax.set(title=dataset, xlabel="wall time since training started (s, log)", ylabel="validation NDCG@10")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6, loc="lower right")
     fig.tight_layout()
     path = _report.RESULTS / "accuracy.png"
     fig.savefig(path, dpi=120)
@@ -235,7 +240,7 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=300, help="at most this many epochs per run")
     parser.add_argument("--time_limit", type=float, default=0, help="seconds; 0: none")
     parser.add_argument("--gpu_id", help="RecBole's gpu_id (which GPU of the machine)")
-    parser.add_argument("--report", nargs="+", metavar="NAME", help="join these results into accuracy.{md,png}")
+    parser.add_argument("--report", nargs="+", metavar="JSON", help="join these result files into accuracy.{md,png}")
     args = parser.parse_args(argv)
     if args.report:
         return report(args.report)
