@@ -20,10 +20,17 @@ table (``accuracy.md``) and a plot of validation NDCG@10 against wall time (``ac
     python benchmarks/accuracy.py --dataset=ml-1m --data_path=/data --name=accuracy-ml-1m \\
         --runs "Mamba4Rec" "Mamba4Rec[train_mode=all_positions,train_batch_size=64]" SASRec
     python benchmarks/accuracy.py --report benchmarks/results/accuracy_runs/*.json
+
+With ``--state_dir DIR`` a run longer than one sitting (or one call to a lent GPU) is trained in
+segments: each invocation of the same command trains for up to ``--time_limit`` seconds, saves the
+resumable checkpoint and what it recorded in ``DIR/run<i>/``, and the next one continues from there
+(the plugin's ``--resume``); times add up over segments, without the data loading of each. A
+finished run is not trained again.
 """
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -49,8 +56,8 @@ class TimeLimitReached(Exception):
 class RunClock:
     """Wall time since training started, synchronised with the GPU, with pauses not counted."""
 
-    def __init__(self):
-        self.start, self.paused = None, 0.0
+    def __init__(self, offset=0.0):
+        self.start, self.paused, self.offset = None, 0.0, offset  # offset: time of earlier segments
 
     @staticmethod
     def _now():
@@ -62,7 +69,7 @@ class RunClock:
         self.start = self._now()
 
     def elapsed(self):
-        return self._now() - self.start - self.paused
+        return self._now() - self.start - self.paused + self.offset
 
     def pause(self):
         return _Pause(self)
@@ -83,7 +90,14 @@ def plain(result):
     return {key: round(float(value), 6) for key, value in result.items()}
 
 
-def train_one(spec, dataset_name, data_path, args, checkpoint_dir):
+def train_one(spec, dataset_name, data_path, args, checkpoint_dir, progress_file=None):
+    """Train one run; with ``progress_file``, continue it from where an earlier invocation stopped."""
+    progress = json.loads(progress_file.read_text()) if progress_file and progress_file.is_file() else None
+    if progress and progress["spec"] != spec:
+        raise SystemExit(f"{progress_file} belongs to run {progress['spec']!r}, not {spec!r}: use another --state_dir")
+    if progress and progress.get("row"):
+        print("  finished in an earlier invocation", flush=True)
+        return progress["row"]
     model_name, settings = parse_run(spec)
     config_dict = {
         "data_path": data_path,
@@ -92,6 +106,7 @@ def train_one(spec, dataset_name, data_path, args, checkpoint_dir):
         "show_progress": False,
         "log_wandb": False,
         **({"gpu_id": args.gpu_id} if args.gpu_id is not None else {}),
+        **({"resume": progress["last_checkpoint"]} if progress else {}),
         **settings,
     }
     config = create_config(model_name, dataset_name, config_dict=config_dict)
@@ -102,18 +117,28 @@ def train_one(spec, dataset_name, data_path, args, checkpoint_dir):
     init_seed(config["seed"], config["reproducibility"])
     model = config.model_class(config, train_data._dataset).to(config["device"])
     trainer = get_trainer(config)(config, model)
+    if progress:
+        trainer.resume_checkpoint(progress["last_checkpoint"])
+        print(f"  resuming after epoch {progress['epochs'][-1]['epoch']} ({progress['elapsed_s']:.1f} s)", flush=True)
 
-    clock, epochs, improvements = RunClock(), [], []
+    clock = RunClock(offset=progress["elapsed_s"] if progress else 0.0)
+    segment = progress.get("segments", 1) + 1 if progress else 1  # invocations this run has trained in
+    epochs, improvements = (progress["epochs"], progress["improvements"]) if progress else ([], [])
 
     def after_validation(epoch_idx, valid_score):
         elapsed = clock.elapsed()
         epochs.append({"epoch": epoch_idx, "elapsed_s": round(elapsed, 3), "valid_ndcg@10": round(float(valid_score), 6)})
         print(f"  epoch {epoch_idx}: {elapsed:.1f} s, valid NDCG@10 {valid_score:.4f}", flush=True)
-        if trainer.cur_step == 0:  # this epoch is the new best (RecBole has just saved it)
-            with clock.pause():
+        with clock.pause():
+            if trainer.cur_step == 0:  # this epoch is the new best (RecBole has just saved it)
                 test = trainer.evaluate(test_data, load_best_model=False, show_progress=False)
-            improvements.append({"epoch": epoch_idx, "elapsed_s": round(elapsed, 3), "test": plain(test)})
-        if args.time_limit and elapsed > args.time_limit:
+                improvements.append({"epoch": epoch_idx, "elapsed_s": round(elapsed, 3), "test": plain(test)})
+            if progress_file:  # the state after this epoch, and what was recorded up to it
+                trainer._save_last_checkpoint(epoch_idx)
+                save_progress(progress_file, {"spec": spec, "epochs": epochs, "improvements": improvements,
+                                              "elapsed_s": elapsed, "last_checkpoint": trainer.last_model_file,
+                                              "segments": segment})
+        if args.time_limit and elapsed - clock.offset > args.time_limit:
             raise TimeLimitReached
 
     clock.begin()
@@ -121,12 +146,12 @@ def train_one(spec, dataset_name, data_path, args, checkpoint_dir):
         trainer.fit(train_data, valid_data, saved=True, show_progress=False, callback_fn=after_validation)
         stopped = "early stopping" if epochs[-1]["epoch"] + 1 < config["epochs"] else "max epochs"
     except TimeLimitReached:
-        stopped = f"time limit ({args.time_limit} s)"
+        stopped = f"time limit ({args.time_limit} s)" + (", resumable" if progress_file else "")
     total_s = clock.elapsed()
     test = plain(trainer.evaluate(test_data, load_best_model=True, model_file=trainer.saved_model_file,
                                   show_progress=False))
     best = improvements[-1]
-    return {
+    row = {
         "run": spec,
         "model": model_name,
         "dataset": dataset_name,
@@ -149,7 +174,21 @@ def train_one(spec, dataset_name, data_path, args, checkpoint_dir):
         "valid_at_best": plain(trainer.best_valid_result),
         "epochs": epochs,
         "test_at_improvements": improvements,
+        "segments": segment,
     }
+    if progress_file:
+        finished = not stopped.startswith("time limit")
+        save_progress(progress_file, {"spec": spec, "epochs": epochs, "improvements": improvements,
+                                      "elapsed_s": epochs[-1]["elapsed_s"], "last_checkpoint": trainer.last_model_file,
+                                      "segments": row["segments"], "row": row if finished else None})
+    return row
+
+
+def save_progress(path, state):
+    """Write ``state`` as JSON atomically: a kill never leaves a half-written progress file."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=1))
+    os.replace(tmp, path)
 
 
 def first_reaching(row, targets):
@@ -240,16 +279,23 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=300, help="at most this many epochs per run")
     parser.add_argument("--time_limit", type=float, default=0, help="seconds; 0: none")
     parser.add_argument("--gpu_id", help="RecBole's gpu_id (which GPU of the machine)")
+    parser.add_argument("--state_dir", help="keep checkpoints and progress here, so that the same command "
+                        "continues runs stopped by --time_limit (or killed) where they stopped")
     parser.add_argument("--report", nargs="+", metavar="JSON", help="join these result files into accuracy.{md,png}")
     args = parser.parse_args(argv)
     if args.report:
         return report(args.report)
 
     env, rows = _report.environment(), []
-    with tempfile.TemporaryDirectory() as checkpoint_dir:
-        for spec in args.runs:
+    with tempfile.TemporaryDirectory() as scratch:
+        for index, spec in enumerate(args.runs):
             print(f"{args.dataset}: {spec}", flush=True)
-            rows.append(train_one(spec, args.dataset, args.data_path, args, checkpoint_dir))
+            checkpoint_dir, progress_file = scratch, None
+            if args.state_dir:
+                run_dir = Path(args.state_dir) / f"run{index}"
+                run_dir.mkdir(parents=True, exist_ok=True)
+                checkpoint_dir, progress_file = str(run_dir), run_dir / "progress.json"
+            rows.append(train_one(spec, args.dataset, args.data_path, args, checkpoint_dir, progress_file))
             row = rows[-1]
             print(f"  best epoch {row['best_epoch']} at {row['time_to_best_s']:.1f} s, test {row['test']}", flush=True)
             _report.write(args.name, env, rows, markdown(rows))
