@@ -20,6 +20,7 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.model.loss import BPRLoss
 from torch import nn
 
+from recbole_mamba.config import MODEL_SAMPLED_LOSSES
 from recbole_mamba.errors import UserInputError
 from recbole_mamba.nn import losses
 from recbole_mamba.nn.mamba_mixer import MambaMixer, resolve_backend
@@ -79,7 +80,7 @@ class Mamba4Rec(SequentialRecommender):
     @staticmethod
     def check_config(config):
         """Reject hyperparameters the model cannot be built with, naming the key and valid range."""
-        positive_ints = ("hidden_size", "num_layers", "d_state", "d_conv", "expand")
+        positive_ints = ("hidden_size", "num_layers", "d_state", "d_conv", "expand", "ce_chunk_size")
         for key in positive_ints:
             value = config[key]
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -101,7 +102,7 @@ class Mamba4Rec(SequentialRecommender):
                 "loss_type BPR with train_mode prefix needs negative samples: set train_neg_sample_args, "
                 "e.g. --train_neg_sample_args=\"{'distribution': 'uniform', 'sample_num': 1}\"."
             )
-        if loss_type in ("BCE", "SampledSoftmax") and recbole_negatives:
+        if loss_type in MODEL_SAMPLED_LOSSES and recbole_negatives:
             raise UserInputError(
                 f"loss_type {loss_type} draws its negatives inside the model (negative_sampling, "
                 "num_negatives): remove train_neg_sample_args."
@@ -116,9 +117,6 @@ class Mamba4Rec(SequentialRecommender):
             raise UserInputError(f"num_negatives must be empty (the loss's default) or an integer >= 1, got {negatives!r}.")
         if not isinstance(config["logq_correction"], bool):
             raise UserInputError(f"logq_correction must be true or false, got {config['logq_correction']!r}.")
-        chunk = config["ce_chunk_size"]
-        if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
-            raise UserInputError(f"ce_chunk_size must be an integer >= 1, got {chunk!r}.")
 
     @staticmethod
     def _init_weights(module):
