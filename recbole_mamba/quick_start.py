@@ -85,18 +85,13 @@ def run(
     """
     config = create_config(model, dataset, config_file_list, config_dict, cmd_args)
 
-    init_seed(config["seed"], config["reproducibility"])
     logger = _init_logging(config)
     logger.info(sys.argv)
     logger.info(config)
     logger.info(describe_run(config))
 
-    data = load_dataset(config)
+    data, (train_data, valid_data, test_data), recommender = build_data_and_model(config)
     logger.info(data)
-    train_data, valid_data, test_data = prepare_dataloaders(config, data)
-
-    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
-    recommender = config.model_class(config, train_data._dataset).to(config["device"])
     logger.info(recommender)
     n_params = count_trainable_parameters(recommender)
     logger.info(set_color("Trainable parameters", "blue") + f": {n_params:,} ({config['model']})")
@@ -120,6 +115,20 @@ def run(
     logger.info(set_color("test result", "yellow") + f": {dict(test_result)}")
     logger.info(format_results(best_valid_result, test_result, config["valid_metric"]))
     return _result(best_valid_score, best_valid_result, test_result, config, trainer, saved, n_params)
+
+
+def build_data_and_model(config):
+    """Dataset, (train, valid, test) dataloaders and model for ``config``, seeded as RecBole seeds them.
+
+    Returns:
+        ``(dataset, (train_data, valid_data, test_data), model)``, the model on ``config["device"]``.
+    """
+    init_seed(config["seed"], config["reproducibility"])
+    data = load_dataset(config)
+    loaders = prepare_dataloaders(config, data)
+    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+    model = config.model_class(config, loaders[0]._dataset).to(config["device"])
+    return data, loaders, model
 
 
 def _result(best_valid_score, best_valid_result, test_result, config, trainer, saved, n_params):
