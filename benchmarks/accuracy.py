@@ -42,8 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _report  # noqa: E402
 from efficiency import parse_run  # noqa: E402
 
-from recbole_mamba.data.loading import load_dataset, prepare_dataloaders  # noqa: E402
-from recbole_mamba.quick_start import count_trainable_parameters, create_config  # noqa: E402
+from recbole_mamba.quick_start import build_data_and_model, count_trainable_parameters, create_config  # noqa: E402
 from recbole_mamba.trainer import get_trainer  # noqa: E402
 
 METRICS = ("hit@10", "ndcg@10", "mrr@10")
@@ -110,12 +109,7 @@ def train_one(spec, dataset_name, data_path, args, checkpoint_dir, progress_file
         **settings,
     }
     config = create_config(model_name, dataset_name, config_dict=config_dict)
-    from recbole.utils import init_seed
-
-    init_seed(config["seed"], config["reproducibility"])
-    train_data, valid_data, test_data = prepare_dataloaders(config, load_dataset(config))
-    init_seed(config["seed"], config["reproducibility"])
-    model = config.model_class(config, train_data._dataset).to(config["device"])
+    _, (train_data, valid_data, test_data), model = build_data_and_model(config)
     trainer = get_trainer(config)(config, model)
     if progress:
         trainer.resume_checkpoint(progress["last_checkpoint"])
@@ -124,6 +118,12 @@ def train_one(spec, dataset_name, data_path, args, checkpoint_dir, progress_file
     clock = RunClock(offset=progress["elapsed_s"] if progress else 0.0)
     segment = progress.get("segments", 1) + 1 if progress else 1  # invocations this run has trained in
     epochs, improvements = (progress["epochs"], progress["improvements"]) if progress else ([], [])
+
+    def record_progress(row=None):
+        # Times up to the last finished epoch, which the resumable checkpoint holds; ``row``: the run is done.
+        save_progress(progress_file, {"spec": spec, "epochs": epochs, "improvements": improvements,
+                                      "elapsed_s": epochs[-1]["elapsed_s"], "last_checkpoint": trainer.last_model_file,
+                                      "segments": segment, "row": row})
 
     def after_validation(epoch_idx, valid_score):
         elapsed = clock.elapsed()
@@ -135,9 +135,7 @@ def train_one(spec, dataset_name, data_path, args, checkpoint_dir, progress_file
                 improvements.append({"epoch": epoch_idx, "elapsed_s": round(elapsed, 3), "test": plain(test)})
             if progress_file:  # the state after this epoch, and what was recorded up to it
                 trainer._save_last_checkpoint(epoch_idx)
-                save_progress(progress_file, {"spec": spec, "epochs": epochs, "improvements": improvements,
-                                              "elapsed_s": elapsed, "last_checkpoint": trainer.last_model_file,
-                                              "segments": segment})
+                record_progress()
         if args.time_limit and elapsed - clock.offset > args.time_limit:
             raise TimeLimitReached
 
@@ -177,10 +175,7 @@ def train_one(spec, dataset_name, data_path, args, checkpoint_dir, progress_file
         "segments": segment,
     }
     if progress_file:
-        finished = not stopped.startswith("time limit")
-        save_progress(progress_file, {"spec": spec, "epochs": epochs, "improvements": improvements,
-                                      "elapsed_s": epochs[-1]["elapsed_s"], "last_checkpoint": trainer.last_model_file,
-                                      "segments": row["segments"], "row": row if finished else None})
+        record_progress(row=None if stopped.startswith("time limit") else row)
     return row
 
 
