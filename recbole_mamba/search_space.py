@@ -16,7 +16,7 @@ import math
 
 from recbole.config import Config as RecBoleConfig
 
-from recbole_mamba.config import _read_yaml_mapping
+from recbole_mamba.config import _is_int, _read_yaml_mapping
 from recbole_mamba.errors import UserInputError
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
@@ -75,10 +75,6 @@ def _low_high(where, distribution, args):
     ):
         raise UserInputError(f"{where}: {distribution} needs two numbers [low, high], got {args!r}.")
     return args
-
-
-def _is_int(value):
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def to_tune(space):
