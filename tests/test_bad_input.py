@@ -84,6 +84,7 @@ def test_header_without_types(empty_cwd, capsys, tmp_path):
         ("--logq_correction=yes", "logq_correction must be true or false, got 'yes'"),
         ("--mamba_backend=triton", "mamba_backend must be one of auto, cuda, torch"),
         ("--mamba_backend=cuda", "mamba_backend=cuda needs a CUDA GPU"),
+        ("--scan_kernel=cuda", "scan_kernel must be one of auto, mamba_ssm, triton, got 'cuda'"),
         ("--epochs", "settings are given as --key=value"),
     ],
 )

@@ -34,9 +34,9 @@ def relative_error(actual, expected, floor=1e-8):
     return (difference / expected.double().abs().max().clamp(min=floor)).item()
 
 
-def twin_mixers(seed=0, d_model=64, d_state=32):
+def twin_mixers(seed=0, d_model=64, d_state=32, scan_kernel="mamba_ssm"):
     torch.manual_seed(seed)
-    fast = MambaMixer(d_model, d_state=d_state, d_conv=4, expand=2, backend="cuda").cuda()
+    fast = MambaMixer(d_model, d_state=d_state, d_conv=4, expand=2, backend="cuda", scan_kernel=scan_kernel).cuda()
     slow = MambaMixer(d_model, d_state=d_state, d_conv=4, expand=2, backend="torch").cuda()
     slow.load_state_dict(fast.state_dict())
     return fast, slow
@@ -54,9 +54,37 @@ def test_cuda_and_torch_backends_agree_fp32(cuda_backend, length, fused):
 
 
 @pytest.mark.parametrize("length", [1, 7, 200, 2048, 8192])
-def test_cuda_and_torch_backends_agree_bf16_autocast(cuda_backend, length):
-    fast, slow = twin_mixers()
+def test_triton_scan_kernel_and_torch_backend_agree_fp32(cuda_backend, length):
+    fast, slow = twin_mixers(scan_kernel="triton")
+    assert_backends_agree(fast, slow, length, tolerance=1e-4)
+
+
+@pytest.mark.parametrize("scan_kernel", ["mamba_ssm", "triton"])
+@pytest.mark.parametrize("length", [1, 7, 200, 2048, 8192])
+def test_cuda_and_torch_backends_agree_bf16_autocast(cuda_backend, length, scan_kernel):
+    fast, slow = twin_mixers(scan_kernel=scan_kernel)
     assert_backends_agree(fast, slow, length, tolerance=1e-2, autocast_dtype=torch.bfloat16)
+
+
+def test_auto_scan_kernel_is_timed_once_per_shape_and_leaves_no_trace(cuda_backend, caplog):
+    """``auto`` times both kernels on a probe input: the parameters' gradients and the RNG stay as they were."""
+    from recbole_mamba.nn import mamba_mixer
+
+    fast, slow = twin_mixers(scan_kernel="auto")
+    for p in fast.parameters():
+        p.grad = torch.full_like(p, 3.0)
+    x = torch.randn(3, 37, 64, device="cuda")
+    rng = torch.cuda.get_rng_state()
+    with caplog.at_level("INFO"):
+        y = fast(x)
+        fast(x)
+    assert torch.equal(torch.cuda.get_rng_state(), rng)
+    assert all(torch.equal(p.grad, torch.full_like(p, 3.0)) for p in fast.parameters())
+    timed = [r.message for r in caplog.records if "Mamba scan kernel" in r.message]
+    assert len(timed) == 1 and "batch 3 x length 37 (training)" in timed[0], timed
+    choice = [v for k, v in mamba_mixer._FASTER_SCAN_KERNEL.items() if k[0] == (3, 37, 64)]
+    assert choice and choice[0] in ("mamba_ssm", "triton")
+    assert relative_error(y.detach(), slow(x).detach()) < 1e-4
 
 
 def assert_backends_agree(fast, slow, length, tolerance, autocast_dtype=None):

@@ -23,7 +23,7 @@ from torch import nn
 from recbole_mamba.config import MODEL_SAMPLED_LOSSES
 from recbole_mamba.errors import UserInputError
 from recbole_mamba.nn import losses
-from recbole_mamba.nn.mamba_mixer import MambaMixer, resolve_backend
+from recbole_mamba.nn.mamba_mixer import SCAN_KERNELS, MambaMixer, resolve_backend
 
 LOSS_TYPES = ("CE", "BPR", "BCE", "SampledSoftmax")
 # num_negatives when the config leaves it empty: one per position for the pairwise losses, a shared
@@ -36,7 +36,8 @@ class Mamba4Rec(SequentialRecommender):
 
     Config keys (defaults in ``yaml/model/Mamba4Rec.yaml``): ``hidden_size``, ``num_layers``,
     ``dropout_prob``, ``loss_type`` (CE, BPR, BCE or SampledSoftmax), ``d_state``, ``d_conv``,
-    ``expand``, ``mamba_backend`` (auto, cuda or torch), ``negative_sampling``, ``num_negatives``,
+    ``expand``, ``mamba_backend`` (auto, cuda or torch), ``scan_kernel`` (auto, mamba_ssm or triton:
+    the cuda backend's selective scan), ``negative_sampling``, ``num_negatives``,
     ``logq_correction``, ``ce_chunk_size``; and ``train_mode`` (``yaml/overall.yaml``).
     """
 
@@ -69,6 +70,7 @@ class Mamba4Rec(SequentialRecommender):
                 dropout=self.dropout_prob,
                 residual=self.num_layers > 1,
                 backend=self.backend,
+                scan_kernel=config["scan_kernel"],
             )
             for _ in range(self.num_layers)
         )
@@ -88,6 +90,8 @@ class Mamba4Rec(SequentialRecommender):
         dropout = config["dropout_prob"]
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
             raise UserInputError(f"dropout_prob must be a number in [0, 1), got {dropout!r}.")
+        if config["scan_kernel"] not in SCAN_KERNELS:
+            raise UserInputError(f"scan_kernel must be one of {', '.join(SCAN_KERNELS)}, got {config['scan_kernel']!r}.")
         Mamba4Rec._check_loss_config(config)
         resolve_backend(config["mamba_backend"], config["device"])  # fails early if unusable
 
@@ -204,10 +208,11 @@ class Mamba4Rec(SequentialRecommender):
 class MambaLayer(nn.Module):
     """Mamba block -> dropout (-> + input) -> LayerNorm -> feed-forward."""
 
-    def __init__(self, d_model, d_state, d_conv, expand, dropout, residual, backend):
+    def __init__(self, d_model, d_state, d_conv, expand, dropout, residual, backend, scan_kernel="auto"):
         super().__init__()
         self.residual = residual
-        self.mamba = MambaMixer(d_model, d_state=d_state, d_conv=d_conv, expand=expand, backend=backend)
+        self.mamba = MambaMixer(d_model, d_state=d_state, d_conv=d_conv, expand=expand, backend=backend,
+                                scan_kernel=scan_kernel)
         self.dropout = nn.Dropout(dropout)
         self.LayerNorm = nn.LayerNorm(d_model, eps=1e-12)
         self.ffn = FeedForward(d_model, inner_size=4 * d_model, dropout=dropout)

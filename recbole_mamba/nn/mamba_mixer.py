@@ -4,7 +4,10 @@ Parameters have the names, shapes and initialisation of ``mamba_ssm.Mamba`` (in_
 x_proj, dt_proj, A_log, D, out_proj), so a state dict moves between machines and backends:
 
 - ``cuda``: mamba-ssm's fused kernels (``mamba_inner_fn`` with causal-conv1d; without causal-conv1d,
-  mamba-ssm's CUDA selective scan after a plain convolution). Needs a CUDA tensor.
+  mamba-ssm's CUDA selective scan after a plain convolution), or the same block with the Triton
+  selective scan of :mod:`recbole_mamba.nn.triton_scan` (``scan_kernel``: ``auto`` times both on the
+  first batch of each shape and keeps the faster, ``mamba_ssm`` or ``triton`` force one). Needs a CUDA
+  tensor.
 - ``torch``: a pure-PyTorch path with :func:`recbole_mamba.nn.selective_scan.selective_scan`,
   which runs anywhere.
 
@@ -12,6 +15,7 @@ The backend is chosen once, by :func:`resolve_backend`, when the module is built
 """
 
 import importlib.metadata
+import logging
 import math
 
 import torch
@@ -22,6 +26,7 @@ from recbole_mamba.errors import UserInputError
 from recbole_mamba.nn.selective_scan import selective_scan
 
 BACKENDS = ("auto", "cuda", "torch")
+SCAN_KERNELS = ("auto", "mamba_ssm", "triton")
 
 
 def _load_cuda_kernels():
@@ -32,8 +37,13 @@ def _load_cuda_kernels():
         return None, f"mamba-ssm is not importable ({e}); install it with: pip install -e .[gpu]"
     # mamba_inner_fn fuses the convolution too, through causal-conv1d's compiled functions.
     fused = getattr(interface, "causal_conv1d_fwd_function", None) is not None
-    ops = {"mamba_inner_fn": interface.mamba_inner_fn, "selective_scan_fn": interface.selective_scan_fn}
-    return {**ops, "fused": fused}, None
+    ops = {"mamba_inner_fn": interface.mamba_inner_fn, "selective_scan_fn": interface.selective_scan_fn,
+           "causal_conv1d_fn": getattr(interface, "causal_conv1d_fn", None)}
+    try:
+        from recbole_mamba.nn.triton_scan import selective_scan_triton
+    except ImportError:  # triton ships with torch's CUDA builds; without it only mamba-ssm's scan runs
+        selective_scan_triton = None
+    return {**ops, "fused": fused, "triton": selective_scan_triton}, None
 
 
 def _version(package):
@@ -91,11 +101,15 @@ class MambaMixer(nn.Module):
         dt_max=0.1,
         dt_init_floor=1e-4,
         backend="torch",
+        scan_kernel="auto",
     ):
         super().__init__()
         if backend not in ("cuda", "torch"):
             raise ValueError(f"backend must be 'cuda' or 'torch' (use resolve_backend), got {backend!r}")
+        if scan_kernel not in SCAN_KERNELS:
+            raise UserInputError(f"scan_kernel must be one of {', '.join(SCAN_KERNELS)}, got {scan_kernel!r}.")
         self.backend = backend
+        self.scan_kernel = scan_kernel
         self.d_state = d_state
         self.d_inner = expand * d_model
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank
@@ -113,6 +127,9 @@ class MambaMixer(nn.Module):
         self.D = nn.Parameter(torch.ones(self.d_inner))
         self._init_dt(dt_min, dt_max, dt_init_floor)
         self._kernels = _load_cuda_kernels()[0] if backend == "cuda" else None
+        if backend == "cuda" and scan_kernel == "triton" and self._kernels["triton"] is None:
+            raise UserInputError("scan_kernel=triton needs the triton package (shipped with torch's CUDA "
+                                 "builds); use scan_kernel=mamba_ssm or auto.")
 
     @torch.no_grad()
     def _init_dt(self, dt_min, dt_max, dt_init_floor):
@@ -149,10 +166,15 @@ class MambaMixer(nn.Module):
         length = hidden_states.shape[1]
         xz = self.in_proj(hidden_states).transpose(1, 2)  # (b, 2 * d_inner, l)
         x, z = xz.chunk(2, dim=1)
-        # As causal-conv1d inside mamba_inner_fn: float32 weights and arithmetic, output in x's
-        # dtype, so that under autocast both backends round at the same places.
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            x = F.silu(self.conv1d(x.float())[..., :length]).to(x.dtype)
+        conv_fn = self._kernels and self._kernels["causal_conv1d_fn"]
+        if conv_fn is not None and x.is_cuda:
+            # causal-conv1d's fused convolution + SiLU, float32 weights, output in x's dtype.
+            x = conv_fn(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
+        else:
+            # As causal-conv1d inside mamba_inner_fn: float32 weights and arithmetic, output in x's
+            # dtype, so that under autocast both backends round at the same places.
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                x = F.silu(self.conv1d(x.float())[..., :length]).to(x.dtype)
         delta, B, C = self._scan_inputs(x)
         y = scan(
             x,
@@ -168,6 +190,47 @@ class MambaMixer(nn.Module):
         return self.out_proj(y.transpose(1, 2))
 
     def _forward_cuda(self, hidden_states):
+        if self._scan_kernel_for(hidden_states) == "triton":
+            return self._forward_unfused(hidden_states, self._kernels["triton"])
+        return self._forward_mamba_ssm(hidden_states)
+
+    def _scan_kernel_for(self, hidden_states):
+        """The scan kernel for this input's shape: the configured one, or under ``auto`` the faster one."""
+        if self.scan_kernel != "auto" or self._kernels["triton"] is None:
+            return "triton" if self.scan_kernel == "triton" else "mamba_ssm"
+        training = torch.is_grad_enabled()
+        autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+        key = (tuple(hidden_states.shape), hidden_states.dtype, autocast, training, self.d_inner, self.d_state,
+               self.conv1d.kernel_size[0], self.dt_rank)
+        if key not in _FASTER_SCAN_KERNEL:
+            _FASTER_SCAN_KERNEL[key] = self._time_scan_kernels(hidden_states, training)
+        return _FASTER_SCAN_KERNEL[key]
+
+    def _time_scan_kernels(self, hidden_states, training):
+        """Time this block with each scan kernel on a random input of the same shape; return the faster."""
+        generator = torch.Generator(device=hidden_states.device).manual_seed(0)  # the model's RNG is untouched
+        probe = torch.randn(hidden_states.shape, generator=generator, device=hidden_states.device,
+                            dtype=hidden_states.dtype)
+        params = [p for p in self.parameters() if p.requires_grad]
+        forwards = {"mamba_ssm": self._forward_mamba_ssm,
+                    "triton": lambda x: self._forward_unfused(x, self._kernels["triton"])}
+
+        def step(forward):
+            x = probe.detach().requires_grad_(training)
+            out = forward(x)
+            if training:  # gradients returned, not accumulated: the parameters' .grad stays as it was
+                torch.autograd.grad(out, [x, *params], torch.ones_like(out))
+
+        ms = {name: _median_cuda_ms(lambda: step(forward)) for name, forward in forwards.items()}
+        choice = min(ms, key=ms.get)
+        batch, length, _ = hidden_states.shape
+        logging.getLogger().info(
+            f"Mamba scan kernel for batch {batch} x length {length} ({'training' if training else 'inference'}): "
+            f"{choice} (block forward{' + backward' if training else ''}: mamba-ssm {ms['mamba_ssm']:.2f} ms, "
+            f"triton {ms['triton']:.2f} ms)")
+        return choice
+
+    def _forward_mamba_ssm(self, hidden_states):
         if not self._kernels["fused"]:  # no causal-conv1d: a plain Conv1d, then mamba-ssm's CUDA scan
             return self._forward_unfused(hidden_states, _contiguous_inputs(self._kernels["selective_scan_fn"]))
         # xz as mamba-ssm's Mamba computes it: (2 * d_inner, batch * length) reshaped to
@@ -190,6 +253,24 @@ class MambaMixer(nn.Module):
             delta_bias=self.dt_proj.bias.float(),
             delta_softplus=True,
         )
+
+
+# (input shape, dtypes, training, block shape) -> the faster scan kernel, measured once per process.
+_FASTER_SCAN_KERNEL = {}
+
+
+def _median_cuda_ms(fn, warmup=2, reps=5):
+    for _ in range(warmup):  # the first call also compiles the Triton kernels for this shape
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
 
 
 def _contiguous_inputs(scan):
