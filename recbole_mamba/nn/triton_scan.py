@@ -34,6 +34,15 @@ def _linear_combine(a_left, b_left, a_right, b_right):
 
 
 @triton.jit
+def _linear_combine_with_previous(a_left, b_left, pa_left, pb_left, a_right, b_right, pa_right, pb_right):
+    # As _linear_combine, carrying a second map: the composition of every step before the last one.
+    # Scanning elements (a_t, b_t, 1, 0) gives at t both the map up to and including step t and the
+    # map up to step t-1, i.e. the state after and before step t, from one scan.
+    return (a_left * a_right, a_right * b_left + b_right,
+            a_left * pa_right, pa_right * b_left + pb_right)
+
+
+@triton.jit
 def _softplus(x):
     # log1p(exp(x)) without losing digits for very negative x (small dt), as mamba-ssm's log1pf:
     # log1p(e) = log(1 + e) * e / ((1 + e) - 1) corrects the rounding of 1 + e.
@@ -183,8 +192,8 @@ def _scan_bwd_kernel(
     # Pass 2 may read a chunk state that another thread of this program wrote.
     tl.debug_barrier()
 
-    # Pass 2: the chunks in reverse; g_next = g at the first step of the following chunk.
-    g_next = tl.zeros([BLOCK_D, BLOCK_N], tl.float32)
+    # Pass 2: the chunks in reverse.
+    k_next = tl.zeros([BLOCK_D, BLOCK_N], tl.float32)
     dA_acc = tl.zeros([BLOCK_D, BLOCK_N], tl.float32)
     dD_acc = tl.zeros([BLOCK_D], tl.float32)
     for c_rev in range(0, N_CHUNKS):
@@ -196,16 +205,13 @@ def _scan_bwd_kernel(
         h0 = tl.load(chunk_h0_ptr + c * BLOCK_D * BLOCK_N + tile_dn)
         decay, inp, dt, raw, u, Bt = _chunk_inputs(u_ptr, delta_ptr, B_ptr, bias, A2, offs_t, offs_d, offs_n,
                                                    mask_td, mask_tn, s_ul, s_ud, s_dl, s_dd, s_bl, s_bn, SOFTPLUS)
-        # h_{t-1} for every step of the chunk: the scan of the steps shifted by one, the first one
-        # replaced by the identity, started from h0.  (Recovering it as (h_t - input_t) / decay_t
-        # would divide by decays that underflow to zero.)
-        prev_in_chunk = (offs_local > 0)[:, None]
-        decay_p, inp_p, _dtp, _rawp, _up, _Bp = _chunk_inputs(
-            u_ptr, delta_ptr, B_ptr, bias, A2, offs_t - 1, offs_d, offs_n, mask_td & prev_in_chunk,
-            mask_tn & prev_in_chunk, s_ul, s_ud, s_dl, s_dd, s_bl, s_bn, SOFTPLUS)
-        prod_p, local_p = tl.associative_scan((decay_p, inp_p), 0, _linear_combine)
+        # h_t and h_{t-1} for every step of the chunk from one scan.  (Recovering h_{t-1} as
+        # (h_t - input_t) / decay_t would divide by decays that underflow to zero.)
+        ones, zeros = tl.full(decay.shape, 1.0, tl.float32), tl.zeros(decay.shape, tl.float32)
+        prod, local, prod_p, local_p = tl.associative_scan((decay, inp, ones, zeros), 0,
+                                                           _linear_combine_with_previous)
+        states = prod * h0[None, :, :] + local
         h_prev = prod_p * h0[None, :, :] + local_p
-        states = decay * h_prev + inp
 
         Ct = tl.load(C_ptr + offs_t[:, None] * s_cl + offs_n[None, :] * s_cn, mask=mask_tn, other=0.0).to(tl.float32)
         dy = tl.load(dout_ptr + offs_t[:, None] * s_gl + offs_d[None, :] * s_gd, mask=mask_td, other=0.0)
@@ -224,14 +230,15 @@ def _scan_bwd_kernel(
         if HAS_D:
             dD_acc += tl.sum(dy * u, axis=0)
 
-        # g over the chunk, backwards: step t maps g_{t+1} to a_{t+1} g_{t+1} + dy_t C_t.
-        next_in_seq = (offs_t + 1 < L)[:, None] & mask_d[None, :]
-        dt_next, _rawn = _load_dt(delta_ptr, bias, offs_t + 1, offs_d, next_in_seq, s_dl, s_dd, SOFTPLUS)
-        decay_next = tl.exp2(dt_next[:, :, None] * A2[None, :, :])
-        prod_g, local_g = tl.associative_scan((decay_next, dy[:, :, None] * Ct[:, None, :]), 0, _linear_combine,
-                                              reverse=True)
-        g = prod_g * g_next[None, :, :] + local_g
-        g_next = _pick(g, offs_local, 0)
+        # Backwards through the chunk with k_t = a_t g_t, which needs only this chunk's decays:
+        # k_t = a_t k_{t+1} + a_t dy_t C_t and g_t = dy_t C_t + k_{t+1}, the latter from the same
+        # reverse scan as the map of the steps after t.  k_next = k at the following chunk's first step.
+        dyC = dy[:, :, None] * Ct[:, None, :]
+        prod_k, local_k, prod_kn, local_kn = tl.associative_scan((decay, decay * dyC, ones, zeros), 0,
+                                                                 _linear_combine_with_previous, reverse=True)
+        g = dyC + prod_kn * k_next[None, :, :] + local_kn
+        k = prod_k * k_next[None, :, :] + local_k
+        k_next = _pick(k, offs_local, 0)
 
         dC = tl.sum(dy[:, :, None] * states, axis=1)
         tl.atomic_add(dC_ptr + offs_t[:, None] * N + offs_n[None, :], dC, mask=mask_tn)
@@ -239,7 +246,7 @@ def _scan_bwd_kernel(
         dB = tl.sum(g * x[:, :, None], axis=1)
         tl.atomic_add(dB_ptr + offs_t[:, None] * N + offs_n[None, :], dB, mask=mask_tn)
         dx = tl.sum(g * Bt[:, None, :], axis=2)
-        q = g * decay * h_prev
+        q = k * h_prev  # = g_t a_t h_{t-1}
         d_dt = tl.sum(q * A[None, :, :], axis=2) + dx * u
         dA_acc += tl.sum(q * dt[:, :, None], axis=0)
         du = dx * dt
