@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from dataset import kuairand, lastfm1k, lfm1b, recent_events
+from dataset import kuairand, recent_events
 from dataset.prepare import main as prepare_main
-from dataset.raw_files import PreparationError
 
 KUAIRAND_HEADER = "user_id,video_id,date,hourmin,time_ms,is_click,is_like,is_follow,tab"
 
