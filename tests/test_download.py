@@ -18,6 +18,8 @@ from recbole_mamba import run
 from recbole_mamba.errors import DownloadError
 from tests.conftest import FAST_SETTINGS, TINY_MAMBA
 
+RECBOLE_DOWNLOAD_URL = Dataset._get_download_url  # before any test points it at the local server
+
 # A name RecBole knows how to download (so the plugin lets it be fetched); its URL is pointed at the
 # local server below.
 DATASET = "ml-1m"
@@ -55,6 +57,7 @@ def server(monkeypatch):
     monkeypatch.setattr(Server, "requests", 0)
     monkeypatch.setattr(Server, "cut_after", None)
     monkeypatch.setattr(Server, "stall_s", 0)
+    monkeypatch.setattr(Server, "port", httpd.server_port, raising=False)
     yield Server
     httpd.shutdown()
     httpd.server_close()
@@ -171,3 +174,31 @@ def test_silent_server_times_out_instead_of_hanging(server, archive, tmp_path, m
         run("Mamba4Rec", DATASET, config_dict=settings(tmp_path / "datasets"))
     assert time.monotonic() - started < 5
     assert nothing_left(tmp_path / "datasets")
+
+
+def test_lfm1b_download_key_resolves_and_trains(server, few_users_ml100k, tmp_path, monkeypatch):
+    # RecBole's url.yaml names the archive differently from the key (lfm1b-tracks-not-merged ->
+    # .../not_merged/lfm1b-tracks.zip holding lfm1b-tracks.inter), and its files call the item field
+    # tracks_id: the same archive name and header are served here, from the local server. Without
+    # the plugin's yaml/dataset/lfm1b-*.yaml presets RecBole fails after the download (KeyError 'item_id').
+    def local_url(self, *args, **kwargs):
+        archive_name = RECBOLE_DOWNLOAD_URL(self, *args, **kwargs).rpartition("/")[2]
+        return f"http://127.0.0.1:{server.port}/{archive_name}"
+
+    key, item_field = "lfm1b-tracks-not-merged", "tracks_id"
+    monkeypatch.setattr(Dataset, "_get_download_url", local_url)
+    data_path, name = few_users_ml100k
+    rows = (Path(data_path) / name / f"{name}.inter").read_text().splitlines()
+    header = rows[0].split("\t")
+    columns = [header.index("user_id:token"), header.index("item_id:token"), header.index("timestamp:float")]
+    lines = [f"user_id:token\t{item_field}:token\ttimestamp:float"]
+    lines += ["\t".join(row.split("\t")[i] for i in columns) for row in rows[1:]]
+    archive_stem = "lfm1b-tracks"
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr(f"{archive_stem}.inter", "\n".join(lines) + "\n")
+    server.payload = buffer.getvalue()
+
+    result = run("Mamba4Rec", key, config_dict=settings(tmp_path / "datasets"))
+    assert set(result["test_result"]) == {"hit@10", "ndcg@10", "mrr@10"}
+    assert [p.name for p in (tmp_path / "datasets" / key).iterdir()] == [f"{key}.inter"]
