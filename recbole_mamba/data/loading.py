@@ -9,9 +9,11 @@ empty, and the settings that decide it.
 """
 
 import os
+from logging import getLogger
 
 from recbole.utils import EvaluatorType
 
+from recbole_mamba.data.generated import generated_note
 from recbole_mamba.data.preparation import create_sequence_dataset, data_preparation  # RecBole's, honouring train_mode
 from recbole_mamba.errors import UserInputError
 
@@ -28,6 +30,9 @@ def load_dataset(config):
     """RecBole's ``create_dataset(config)`` (or the flat dataset of ``sequence_storage: flat``); an
     error that names the filters if they leave nothing."""
     inter_file, settings = _describe(config)
+    note = generated_note(config["data_path"], config["dataset"])
+    if note:
+        getLogger().warning(note)
     try:
         dataset = create_sequence_dataset(config)
     except ValueError as e:
