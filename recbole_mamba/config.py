@@ -30,6 +30,7 @@ from recbole_mamba.trainer import amp_dtype
 # Plugin models: name -> module that defines a class of that name.
 PLUGIN_MODELS = {
     "Mamba4Rec": "recbole_mamba.model.mamba4rec",
+    "RecMamba": "recbole_mamba.model.recmamba",
 }
 
 # Losses of the plugin's models whose negatives the model draws itself (not RecBole's dataloader).
