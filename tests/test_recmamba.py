@@ -125,3 +125,15 @@ def test_trains_at_length_4096_on_generated_data_and_reloads(lifelong, tmp_path)
     from recbole_mamba.trainer import Trainer
 
     assert Trainer(config, model).evaluate(test_data, load_best_model=False) == result["test_result"]
+
+
+def test_command_line_finds_recmamba(lifelong, tmp_path, capsys):
+    """run_recbole_mamba.py --model=RecMamba reaches RecMamba's own checks (bad input: exit 2, nothing written)."""
+    import run_recbole_mamba
+
+    data_path, name = lifelong
+    status = run_recbole_mamba.main(["--model=RecMamba", f"--dataset={name}", f"--data_path={data_path}",
+                                     "--train_mode=prefix"])
+    assert status == 2
+    assert "RecMamba trains with all-position losses only" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
