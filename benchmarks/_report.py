@@ -79,3 +79,26 @@ def write(name, env, rows, markdown_table, notes=""):
     ]
     md_path.write_text("\n".join(header) + "\n" + markdown_table + "\n" + (f"\n{notes}\n" if notes else ""))
     return json_path, md_path
+
+
+def pyplot():
+    """matplotlib.pyplot drawing to files only, or None (with a hint) where matplotlib is missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib; then --plot)")
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def against_length(axes, xlabel, ylabels):
+    """Log-log axes of a quantity against sequence length (powers of two)."""
+    for ax, ylabel in zip(axes, ylabels):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)

@@ -245,13 +245,9 @@ def sweep_table(rows):
 
 
 def plot_sweep(rows, path):
-    try:
-        import matplotlib
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib; then --plot)")
+    plt = _report.pyplot()
+    if plt is None:
         return
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for (name, dtype), style in zip(itertools.product(sweep_encoders(), ("fp32", "bf16")),
@@ -263,12 +259,8 @@ def plot_sweep(rows, path):
         label = f"{name} ({dtype})"
         axes[0].plot(lengths, [r["ms"] for r in points], style, label=label)
         axes[1].plot(lengths, [r["peak_gib"] for r in points], style, label=label)
-    for ax, ylabel in zip(axes, ("ms per step (forward + backward)", "peak GPU memory (GiB)")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel(f"sequence length L (batch x L = {SWEEP_TOKENS:,})")
-        ax.set_ylabel(ylabel)
-        ax.grid(True, which="both", alpha=0.3)
+    _report.against_length(axes, f"sequence length L (batch x L = {SWEEP_TOKENS:,})",
+                           ("ms per step (forward + backward)", "peak GPU memory (GiB)"))
     axes[0].legend(fontsize=7)
     fig.suptitle("Encoders alone: hidden 64, 2 layers")
     fig.tight_layout()

@@ -23,13 +23,14 @@ from recbole.config import Config as RecBoleConfig
 from recbole.utils import InputType, ModelType
 
 from recbole_mamba import compat
-from recbole_mamba.data.preparation import TRAIN_MODES
+from recbole_mamba.data.preparation import SEQUENCE_STORAGES, TRAIN_MODES
 from recbole_mamba.errors import UserInputError
 from recbole_mamba.trainer import amp_dtype
 
 # Plugin models: name -> module that defines a class of that name.
 PLUGIN_MODELS = {
     "Mamba4Rec": "recbole_mamba.model.mamba4rec",
+    "RecMamba": "recbole_mamba.model.recmamba",
 }
 
 # Losses of the plugin's models whose negatives the model draws itself (not RecBole's dataloader).
@@ -222,6 +223,7 @@ class Config(RecBoleConfig):
                 )
         amp_dtype(self)  # raises on a dtype autocast cannot use
         self._check_train_mode()
+        self._check_sequence_storage()
         check = getattr(self.model_class, "check_config", None)
         if check is not None:
             check(self)
@@ -260,6 +262,27 @@ class Config(RecBoleConfig):
             raise UserInputError(
                 "train_mode=all_positions draws negatives inside the model (negative_sampling, "
                 "num_negatives): remove train_neg_sample_args, or use train_mode=prefix."
+            )
+
+
+    def _check_sequence_storage(self):
+        storage = self.final_config_dict.get("sequence_storage")
+        if storage not in SEQUENCE_STORAGES:
+            raise UserInputError(
+                f"sequence_storage must be one of {', '.join(SEQUENCE_STORAGES)}, got {storage!r} "
+                "(prefix: RecBole's table of every target's history; flat: each user's history once)."
+            )
+        if storage == "prefix":
+            return
+        if self.final_config_dict["MODEL_TYPE"] != ModelType.SEQUENTIAL:
+            raise UserInputError(
+                f"sequence_storage=flat stores the histories of sequential models; {self.model} is not "
+                "one: leave sequence_storage at prefix."
+            )
+        if self.final_config_dict.get("benchmark_filename") is not None:
+            raise UserInputError(
+                "sequence_storage=flat builds the histories from the interactions, so it cannot read "
+                "pre-split files with their own histories (benchmark_filename); use sequence_storage=prefix."
             )
 
 

@@ -88,7 +88,7 @@ def test_cli_trains_and_beats_random_ranking(model, train_mode, tiny_ml100k, tmp
     # all_positions trains on windows: the log says how many, and that they hold every target.
     # Without window_stride the windows do not overlap: every input token's next item is a target.
     windows = re.search(r"all_positions: ([\d,]+) windows of up to 10 items, window_stride 10: ([\d,]+) input "
-                        r"tokens for ([\d,]+) targets per epoch \(RecBole's prefix rows: ([\d,]+)\)", output)
+                        r"tokens for ([\d,]+) targets per epoch \(training interactions: ([\d,]+)\)", output)
     assert (windows is not None) == (train_mode == "all_positions")
     if windows:
         assert windows.group(2) == windows.group(3) == windows.group(4)

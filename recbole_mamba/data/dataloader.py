@@ -19,7 +19,8 @@ class WindowDataLoader(AbstractDataLoader):
 
     Args:
         config: the run's Config (``MAX_ITEM_LIST_LENGTH``, ``window_stride``, ``train_batch_size``, ``seed``, ``worker``).
-        dataset: RecBole's training dataset (the augmented prefix rows of the training split).
+        dataset: RecBole's training dataset (the augmented prefix rows of the training split), or
+            the training split of a :class:`~recbole_mamba.data.flat_dataset.FlatSequenceDataset`.
         sampler: unused (negatives are drawn by the model); kept for RecBole's signature.
         shuffle: new window order every epoch.
     """
@@ -32,7 +33,7 @@ class WindowDataLoader(AbstractDataLoader):
             set_color("[Training]: ", "pink")
             + f"all_positions: {len(self.windows):,} windows of up to {self.windows.max_len} items, "
             f"window_stride {self.windows.stride}: {self.windows.n_inputs:,} input tokens for "
-            f"{self.windows.n_targets:,} targets per epoch (RecBole's prefix rows: {len(dataset):,})"
+            f"{self.windows.n_targets:,} targets per epoch (training interactions: {len(dataset):,})"
         )
 
     def _init_batch_size_and_step(self):

@@ -9,11 +9,12 @@ empty, and the settings that decide it.
 """
 
 import os
+from logging import getLogger
 
-from recbole.data import create_dataset
 from recbole.utils import EvaluatorType
 
-from recbole_mamba.data.preparation import data_preparation  # RecBole's, honouring train_mode
+from recbole_mamba.data.generated import generated_note
+from recbole_mamba.data.preparation import create_sequence_dataset, data_preparation  # RecBole's, honouring train_mode
 from recbole_mamba.errors import UserInputError
 
 _FILTER_KEYS = ("user_inter_num_interval", "item_inter_num_interval", "val_interval", "rm_dup_inter")
@@ -26,10 +27,14 @@ def _describe(config):
 
 
 def load_dataset(config):
-    """``create_dataset(config)``; an error that names the filters if they leave nothing."""
+    """RecBole's ``create_dataset(config)`` (or the flat dataset of ``sequence_storage: flat``); an
+    error that names the filters if they leave nothing."""
     inter_file, settings = _describe(config)
+    note = generated_note(config["data_path"], config["dataset"])
+    if note:
+        getLogger().warning(note)
     try:
-        dataset = create_dataset(config)
+        dataset = create_sequence_dataset(config)
     except ValueError as e:
         if "Some feat is empty" not in str(e):  # RecBole's words when filtering removed every row
             raise

@@ -5,7 +5,9 @@ history (the up to ``MAX_ITEM_LIST_LENGTH`` items before it). A causal model pre
 position's next item in one pass, so the same targets are covered by far fewer, longer samples:
 
 1. :func:`user_sequences` rebuilds each user's training sequence from those rows: the first row's
-   history (one item with RecBole's augmentation), then every row's target in order;
+   history (one item with RecBole's augmentation), then every row's target in order (with
+   ``sequence_storage: flat`` the sequences are stored as such, see
+   :mod:`recbole_mamba.data.flat_dataset`, and nothing is rebuilt);
 2. :func:`cut_windows` cuts each sequence, from its end backwards, into windows of at most
    ``max_len`` inputs whose next items are the targets. Consecutive windows end ``stride`` targets
    apart, and a window's loss is taken only at the targets no later window scores, so every target
@@ -109,6 +111,22 @@ def cut_windows(seq_lengths, max_len, stride=None):
     return sequence, start, end - start, loss_start
 
 
+def _training_sequences(dataset):
+    """``(users, starts, lengths, items)``: user ``users[k]``'s training sequence is
+    ``items[starts[k]:starts[k] + lengths[k]]``, users in ascending id order."""
+    if hasattr(dataset, "training_sequences"):  # sequence_storage flat: the sequences are stored as such
+        users, starts, lengths = dataset.training_sequences()
+        return users, starts, lengths, dataset.sequence_items.long()
+    feat = dataset.inter_feat  # RecBole's prefix rows: rebuild the sequences from them
+    users, offsets, items = user_sequences(
+        feat[dataset.uid_field].numpy(),
+        feat[dataset.item_id_list_field].numpy(),
+        feat[dataset.item_list_length_field].numpy(),
+        feat[dataset.iid_field].numpy(),
+    )
+    return users, offsets[:-1], np.diff(offsets), torch.from_numpy(items).long()
+
+
 class TrainingWindows:
     """Every training window of a RecBole sequential training set, and batches of them.
 
@@ -124,17 +142,11 @@ class TrainingWindows:
         self.stride = max_len if stride is None else stride
         self.uid_field, self.iid_field = dataset.uid_field, dataset.iid_field
         self.item_seq_field, self.item_len_field = dataset.item_id_list_field, dataset.item_list_length_field
-        feat = dataset.inter_feat
-        users, offsets, items = user_sequences(
-            feat[self.uid_field].numpy(),
-            feat[self.item_seq_field].numpy(),
-            feat[self.item_len_field].numpy(),
-            feat[self.iid_field].numpy(),
-        )
-        sequence, start, length, loss_start = cut_windows(np.diff(offsets), max_len, stride)
-        self.items = torch.from_numpy(items).long()
+        users, starts, lengths, items = _training_sequences(dataset)
+        sequence, start, length, loss_start = cut_windows(lengths, max_len, stride)
+        self.items = items
         self.window_user = torch.from_numpy(users[sequence]).long()
-        self.window_start = torch.from_numpy(offsets[sequence] + start).long()
+        self.window_start = torch.from_numpy(starts[sequence] + start).long()
         self.window_length = torch.from_numpy(length).long()
         self.window_loss_start = torch.from_numpy(loss_start).long()
         self.n_inputs = int(length.sum())

@@ -1,5 +1,6 @@
 """The plugin's recommenders, one per file (RecBole style)."""
 
 from recbole_mamba.model.mamba4rec import Mamba4Rec
+from recbole_mamba.model.recmamba import RecMamba
 
-__all__ = ["Mamba4Rec"]
+__all__ = ["Mamba4Rec", "RecMamba"]

@@ -68,9 +68,9 @@ class Mamba4Rec(SequentialRecommender):
                 d_conv=config["d_conv"],
                 expand=config["expand"],
                 dropout=self.dropout_prob,
-                residual=self.num_layers > 1,
                 backend=self.backend,
                 scan_kernel=config["scan_kernel"],
+                **self.layer_options(config),
             )
             for _ in range(self.num_layers)
         )
@@ -78,6 +78,11 @@ class Mamba4Rec(SequentialRecommender):
         # As published: normal(0, 0.02) on every Linear and Embedding, the Mamba block's included
         # (this overrides mamba-ssm's own dt_proj initialisation).
         self.apply(self._init_weights)
+
+    @staticmethod
+    def layer_options(config):
+        """MambaLayer's residual / FFN choices: as published, a residual only around several layers."""
+        return {"residual": config["num_layers"] > 1, "ffn": True}
 
     @staticmethod
     def check_config(config):
@@ -133,17 +138,23 @@ class Mamba4Rec(SequentialRecommender):
             module.bias.data.zero_()
 
     def encode(self, item_seq, item_seq_len):
-        """Hidden states (B, T, hidden_size) at every position (T = the batch's longest sequence on a CPU)."""
+        """Hidden states (B, T, hidden_size) at every position (T = the batch's longest sequence on a
+        CPU, and in evaluation)."""
         # RecBole pads on the right and the model is causal, so the columns after the batch's
         # longest sequence cannot change any output: skip them (short-history data such as the
-        # Amazon sets is mostly padding at length 50).
-        # Not on a GPU: reading the maximum there waits for all queued work (a host-device sync).
-        if not item_seq.is_cuda:
+        # Amazon sets is mostly padding at length 50, and most ml-1m users at length 8,192).
+        # Not when training on a GPU: reading the maximum there waits for all queued work (a
+        # host-device sync); in evaluation that wait is small against the columns saved.
+        if not item_seq.is_cuda or not self.training:
             item_seq = item_seq[:, : int(item_seq_len.max())]
-        hidden = self.LayerNorm(self.dropout(self.item_embedding(item_seq)))
+        hidden = self.LayerNorm(self.dropout(self.embed(item_seq)))
         for layer in self.mamba_layers:
             hidden = layer(hidden)
         return hidden
+
+    def embed(self, item_seq):
+        """The input of the first layer (before dropout and LayerNorm): the item embeddings."""
+        return self.item_embedding(item_seq)
 
     def forward(self, item_seq, item_seq_len):
         """The hidden state at each sequence's last real item (position item_seq_len - 1)."""
@@ -206,16 +217,22 @@ class Mamba4Rec(SequentialRecommender):
 
 
 class MambaLayer(nn.Module):
-    """Mamba block -> dropout (-> + input) -> LayerNorm -> feed-forward."""
+    """Mamba block -> dropout (-> + input) -> LayerNorm (-> feed-forward).
 
-    def __init__(self, d_model, d_state, d_conv, expand, dropout, residual, backend, scan_kernel="auto"):
+    ``residual``: add the layer's input back (Mamba4Rec does only when it has several layers);
+    ``ffn``: end with the position-wise feed-forward network (Mamba4Rec always does);
+    ``scan_kernel``: the cuda backend's selective scan (see MambaMixer).
+    """
+
+    def __init__(self, d_model, d_state, d_conv, expand, dropout, residual, backend, scan_kernel="auto",
+                 ffn=True):
         super().__init__()
         self.residual = residual
         self.mamba = MambaMixer(d_model, d_state=d_state, d_conv=d_conv, expand=expand, backend=backend,
                                 scan_kernel=scan_kernel)
         self.dropout = nn.Dropout(dropout)
         self.LayerNorm = nn.LayerNorm(d_model, eps=1e-12)
-        self.ffn = FeedForward(d_model, inner_size=4 * d_model, dropout=dropout)
+        self.ffn = FeedForward(d_model, inner_size=4 * d_model, dropout=dropout) if ffn else nn.Identity()
 
     def forward(self, input_tensor):
         hidden = self.dropout(self.mamba(input_tensor))

@@ -1,0 +1,31 @@
+"""benchmarks/lifelong.py runs end to end on a CPU with tiny sizes (its smoke mode) and writes its
+results: every model at every length, and RecMamba's full-ranking accuracy."""
+
+import importlib.util
+import json
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+
+@pytest.mark.slow
+def test_lifelong_benchmark_smoke(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("lifelong_benchmark", REPO / "benchmarks" / "lifelong.py")
+    lifelong = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lifelong)
+    monkeypatch.setattr(sys.modules["_report"], "RESULTS", tmp_path)
+
+    assert lifelong.main(["--smoke", "--max_batches=1"]) == 0
+    results = json.loads((tmp_path / "lifelong.json").read_text())["results"]
+    speed = results["speed"]
+    assert {(r["model"], r["length"]) for r in speed} == {
+        (model, length) for model in lifelong.ENCODERS for length in lifelong.SMOKE["lengths"]}
+    for row in speed:
+        assert row["timed_batches"] == 1 and row["extrapolated"] and row["tokens_per_s"] > 0
+    (accuracy,) = results["accuracy"]
+    assert accuracy["model"] == "RecMamba" and 0 <= accuracy["test"]["ndcg@10"] <= 1
+    markdown = (tmp_path / "lifelong.md").read_text()
+    assert "GENERATED data" in markdown and "flash-attention transformer" in markdown
