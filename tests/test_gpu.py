@@ -81,8 +81,12 @@ def test_auto_scan_kernel_is_timed_once_per_shape_and_leaves_no_trace(cuda_backe
     assert torch.equal(torch.cuda.get_rng_state(), rng)
     assert all(torch.equal(p.grad, torch.full_like(p, 3.0)) for p in fast.parameters())
     timed = [r.message for r in caplog.records if "Mamba scan kernel" in r.message]
-    assert len(timed) == 1 and "batch 3 x length 37 (training)" in timed[0], timed
-    choice = [v for k, v in mamba_mixer._FASTER_SCAN_KERNEL.items() if k[0] == (3, 37, 64)]
+    assert len(timed) == 1 and "batch 3 x length 37 (training; kept for batches up to 4 x lengths up to 64)" \
+        in timed[0], timed
+    with caplog.at_level("INFO"):
+        fast(x[:, :40 - 7])  # another length in the same bucket: no new measurement
+    assert len([r for r in caplog.records if "Mamba scan kernel" in r.message]) == 1
+    choice = [v for k, v in mamba_mixer._FASTER_SCAN_KERNEL.items() if k[:3] == (4, 64, 64)]
     assert choice and choice[0] in ("mamba_ssm", "triton")
     assert relative_error(y.detach(), slow(x).detach()) < 1e-4
 

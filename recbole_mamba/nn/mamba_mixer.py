@@ -200,13 +200,16 @@ class MambaMixer(nn.Module):
             return "triton" if self.scan_kernel == "triton" else "mamba_ssm"
         training = torch.is_grad_enabled()
         autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
-        key = (tuple(hidden_states.shape), hidden_states.dtype, autocast, training, self.d_inner, self.d_state,
-               self.conv1d.kernel_size[0], self.dt_rank)
+        # One measurement per power-of-two bucket of batch size and length: evaluation batches trimmed
+        # to their longest sequence have many different lengths.
+        batch, length, d_model = hidden_states.shape
+        key = (_power_of_two_at_least(batch), _power_of_two_at_least(length), d_model, hidden_states.dtype,
+               autocast, training, self.d_inner, self.d_state, self.conv1d.kernel_size[0], self.dt_rank)
         if key not in _FASTER_SCAN_KERNEL:
-            _FASTER_SCAN_KERNEL[key] = self._time_scan_kernels(hidden_states, training)
+            _FASTER_SCAN_KERNEL[key] = self._time_scan_kernels(hidden_states, training, key)
         return _FASTER_SCAN_KERNEL[key]
 
-    def _time_scan_kernels(self, hidden_states, training):
+    def _time_scan_kernels(self, hidden_states, training, key):
         """Time this block with each scan kernel on a random input of the same shape; return the faster."""
         generator = torch.Generator(device=hidden_states.device).manual_seed(0)  # the model's RNG is untouched
         probe = torch.randn(hidden_states.shape, generator=generator, device=hidden_states.device,
@@ -225,7 +228,8 @@ class MambaMixer(nn.Module):
         choice = min(ms, key=ms.get)
         batch, length, _ = hidden_states.shape
         logging.getLogger().info(
-            f"Mamba scan kernel for batch {batch} x length {length} ({'training' if training else 'inference'}): "
+            f"Mamba scan kernel for batch {batch} x length {length} ({'training' if training else 'inference'}; "
+            f"kept for batches up to {key[0]} x lengths up to {key[1]}): "
             f"{choice} (block forward{' + backward' if training else ''}: mamba-ssm {ms['mamba_ssm']:.2f} ms, "
             f"triton {ms['triton']:.2f} ms)")
         return choice
@@ -255,8 +259,12 @@ class MambaMixer(nn.Module):
         )
 
 
-# (input shape, dtypes, training, block shape) -> the faster scan kernel, measured once per process.
+# (batch and length buckets, dtypes, training, block shape) -> the faster scan kernel, measured once per process.
 _FASTER_SCAN_KERNEL = {}
+
+
+def _power_of_two_at_least(n):
+    return 1 << max(0, (int(n) - 1).bit_length())
 
 
 def _median_cuda_ms(fn, warmup=2, reps=5):

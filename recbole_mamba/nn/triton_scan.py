@@ -5,8 +5,7 @@ Same arguments and result as mamba-ssm's ``selective_scan_fn`` with real ``A`` a
 
     u, delta, z: (batch, d, L)    A: (d, n)    B, C: (batch, n, L)    D, delta_bias: (d,)
 
-The sequence length is a compile-time constant (a model always pads to MAX_ITEM_LIST_LENGTH, so
-that is one compilation per model). One program handles one batch row and a block of ``BLOCK_D`` channels with all ``n`` states.  It
+One program handles one batch row and a block of ``BLOCK_D`` channels with all ``n`` states.  It
 walks the sequence in chunks of ``BLOCK_T`` steps; inside a chunk the recurrence
 ``h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t`` is an associative scan over the chunk's
 (BLOCK_D, n, BLOCK_T) tile, all in registers, and the chunk's last state carries to the next chunk.
@@ -85,7 +84,7 @@ def _pick(x, offs_local, index: tl.constexpr):
 @triton.jit
 def _scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, last_ptr,
-    L: tl.constexpr, DIM, N,
+    L, DIM, N,
     s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_bb, s_bn, s_bl, s_cb, s_cn, s_cl, s_zb, s_zd, s_zl,
     s_ob, s_od, s_ol,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
@@ -109,7 +108,8 @@ def _scan_fwd_kernel(
     z_ptr += b * s_zb
     out_ptr += b * s_ob
     h = tl.zeros([BLOCK_D, BLOCK_N], tl.float32)
-    for t0 in range(0, L, BLOCK_T):
+    t0 = 0
+    while t0 < L:  # (a while loop: Triton's interpreter cannot range() over a runtime length with numpy 2)
         offs_t = t0 + offs_local
         mask_t = offs_t < L
         mask_td = mask_t[:, None] & mask_d[None, :]
@@ -130,6 +130,7 @@ def _scan_fwd_kernel(
                  mask=mask_td)
         # Padding steps are the identity, so the chunk's last slot holds the state after its last real step.
         h = _pick(states, offs_local, BLOCK_T - 1)
+        t0 += BLOCK_T
     if STORE_LAST:
         tl.store(last_ptr + b * DIM * N + offs_d[:, None] * N + offs_n[None, :], h,
                  mask=mask_d[:, None] & mask_n[None, :])
@@ -139,7 +140,7 @@ def _scan_fwd_kernel(
 def _scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr,
     du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, chunk_h0_ptr,
-    L: tl.constexpr, DIM, N, N_CHUNKS: tl.constexpr,
+    L, DIM, N, N_CHUNKS,
     s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_bb, s_bn, s_bl, s_cb, s_cn, s_cl, s_zb, s_zd, s_zl,
     s_gb, s_gd, s_gl, s_dub, s_dud, s_dul, s_ddb, s_ddd, s_ddl, s_dzb, s_dzd, s_dzl,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
@@ -180,7 +181,8 @@ def _scan_bwd_kernel(
 
     # Pass 1: re-run the forward, keeping only the state before each chunk.
     h = tl.zeros([BLOCK_D, BLOCK_N], tl.float32)
-    for c in range(0, N_CHUNKS):
+    c = 0
+    while c < N_CHUNKS:
         offs_t = c * BLOCK_T + offs_local
         mask_t = offs_t < L
         tl.store(chunk_h0_ptr + c * BLOCK_D * BLOCK_N + tile_dn, h)
@@ -189,6 +191,7 @@ def _scan_bwd_kernel(
             mask_t[:, None] & mask_n[None, :], s_ul, s_ud, s_dl, s_dd, s_bl, s_bn, SOFTPLUS)
         decay_prod, local = tl.associative_scan((decay, inp), 0, _linear_combine)
         h = _pick(decay_prod * h[None, :, :] + local, offs_local, BLOCK_T - 1)
+        c += 1
     # Pass 2 may read a chunk state that another thread of this program wrote.
     tl.debug_barrier()
 
@@ -196,8 +199,8 @@ def _scan_bwd_kernel(
     k_next = tl.zeros([BLOCK_D, BLOCK_N], tl.float32)
     dA_acc = tl.zeros([BLOCK_D, BLOCK_N], tl.float32)
     dD_acc = tl.zeros([BLOCK_D], tl.float32)
-    for c_rev in range(0, N_CHUNKS):
-        c = N_CHUNKS - 1 - c_rev
+    c = N_CHUNKS - 1
+    while c >= 0:
         offs_t = c * BLOCK_T + offs_local
         mask_t = offs_t < L
         mask_td = mask_t[:, None] & mask_d[None, :]
@@ -258,6 +261,7 @@ def _scan_bwd_kernel(
                  mask=mask_td)
         tl.store(ddelta_ptr + offs_t[:, None] * s_ddl + offs_d[None, :] * s_ddd, d_dt.to(ddelta_ptr.dtype.element_ty),
                  mask=mask_td)
+        c -= 1
     # Per-batch-row partial sums of dA and dD (summed over the batch outside: deterministic, and small).
     tl.store(dA_ptr + b * DIM * N + offs_d[:, None] * N + offs_n[None, :], dA_acc, mask=mask_dn)
     if HAS_D:
