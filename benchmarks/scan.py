@@ -12,7 +12,6 @@ shape (to choose ``launch_config``). Writes benchmarks/results/scan.{json,md}.
 """
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -24,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _report  # noqa: E402
 
 from recbole_mamba.nn import triton_scan  # noqa: E402
+from recbole_mamba.nn.mamba_mixer import median_cuda_ms  # noqa: E402
 
 SHAPES = [(2048, 200), (256, 512), (64, 2048), (16, 8192)]
 WIDTHS = [128, 256]
@@ -34,17 +34,7 @@ SWEEP = [(16, 8, 4), (32, 4, 4), (8, 16, 4), (32, 8, 4), (16, 4, 2), (16, 8, 2),
 
 
 def cuda_ms(fn, reps, warmup=3):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return median_cuda_ms(fn, warmup=warmup, reps=reps)
 
 
 def make_inputs(batch, d, n, L, dtype=torch.float32):

@@ -224,7 +224,7 @@ class MambaMixer(nn.Module):
             if training:  # gradients returned, not accumulated: the parameters' .grad stays as it was
                 torch.autograd.grad(out, [x, *params], torch.ones_like(out))
 
-        ms = {name: _median_cuda_ms(lambda: step(forward)) for name, forward in forwards.items()}
+        ms = {name: median_cuda_ms(lambda: step(forward)) for name, forward in forwards.items()}
         choice = min(ms, key=ms.get)
         batch, length, _ = hidden_states.shape
         logging.getLogger().info(
@@ -267,7 +267,8 @@ def _power_of_two_at_least(n):
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def _median_cuda_ms(fn, warmup=2, reps=5):
+def median_cuda_ms(fn, warmup=2, reps=5):
+    """Median milliseconds of ``fn`` on the current CUDA stream (CUDA events), after ``warmup`` calls."""
     for _ in range(warmup):  # the first call also compiles the Triton kernels for this shape
         fn()
     times = []

@@ -74,6 +74,21 @@ def _chunk_inputs(u_ptr, delta_ptr, B_ptr, bias, A2, offs_t, offs_d, offs_n, mas
 
 
 @triton.jit
+def _channel_params(A_ptr, bias_ptr, D_ptr, offs_d, offs_n, mask_d, mask_n, N, HAS_BIAS: tl.constexpr,
+                    HAS_D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A (BLOCK_D, BLOCK_N), A * log2(e), delta_bias and D of the program's channels, float32.
+
+    exp(dt A) = exp2(dt A2); padded states get A = 0 (decay 1, input 0); absent bias and D are zeros.
+    """
+    A = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mask_d[:, None] & mask_n[None, :],
+                other=0.0).to(tl.float32)
+    bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) if HAS_BIAS else tl.zeros(
+        [BLOCK_D], tl.float32)
+    Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) if HAS_D else tl.zeros([BLOCK_D], tl.float32)
+    return A, A * 1.4426950408889634, bias, Dv
+
+
+@triton.jit
 def _pick(x, offs_local, index: tl.constexpr):
     """x[index] of a (BLOCK_T, BLOCK_D, BLOCK_N) tile (register tiles cannot be indexed)."""
     return tl.sum(tl.where(offs_local[:, None, None] == index, x, 0.0), axis=0)
@@ -95,12 +110,8 @@ def _scan_fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_local = tl.arange(0, BLOCK_T)
     mask_d, mask_n = offs_d < DIM, offs_n < N
-    # A * log2(e), so that exp(dt A) = exp2(dt A2); padded states get A = 0 (decay 1, input 0).
-    A2 = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mask_d[:, None] & mask_n[None, :],
-                 other=0.0).to(tl.float32) * 1.4426950408889634
-    bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) if HAS_BIAS else tl.zeros(
-        [BLOCK_D], tl.float32)
-    Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) if HAS_D else tl.zeros([BLOCK_D], tl.float32)
+    A, A2, bias, Dv = _channel_params(A_ptr, bias_ptr, D_ptr, offs_d, offs_n, mask_d, mask_n, N, HAS_BIAS, HAS_D,
+                                      BLOCK_D)
     u_ptr += b * s_ub
     delta_ptr += b * s_db
     B_ptr += b * s_bb
@@ -158,11 +169,8 @@ def _scan_bwd_kernel(
     offs_local = tl.arange(0, BLOCK_T)
     mask_d, mask_n = offs_d < DIM, offs_n < N
     mask_dn = mask_d[:, None] & mask_n[None, :]
-    A = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
-    A2 = A * 1.4426950408889634
-    bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) if HAS_BIAS else tl.zeros(
-        [BLOCK_D], tl.float32)
-    Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) if HAS_D else tl.zeros([BLOCK_D], tl.float32)
+    A, A2, bias, Dv = _channel_params(A_ptr, bias_ptr, D_ptr, offs_d, offs_n, mask_d, mask_n, N, HAS_BIAS, HAS_D,
+                                      BLOCK_D)
     u_ptr += b * s_ub
     delta_ptr += b * s_db
     B_ptr += b * s_bb
@@ -268,19 +276,15 @@ def _scan_bwd_kernel(
         tl.store(dD_ptr + b * DIM + offs_d, dD_acc, mask=mask_d)
 
 
-def _next_power_of_2(x):
-    return 1 << max(0, (int(x) - 1).bit_length())
-
-
 def launch_config(d, n, L):
     """(BLOCK_D, BLOCK_T, num_warps) for a shape, from the tiling sweep of benchmarks/scan.py on an H100.
 
     A tile of BLOCK_D x n x BLOCK_T near 2048 values on two warps was fastest for d_state 32: chunks of
     4 steps up to L = 2048, of 8 steps beyond (fewer chunk-start states for the backward to keep).
     """
-    block_n = _next_power_of_2(n)
-    block_t = min(4 if L <= 2048 else 8, _next_power_of_2(L))
-    block_d = max(1, min(_next_power_of_2(d), 2048 // (block_n * block_t)))
+    block_n = triton.next_power_of_2(n)
+    block_t = min(4 if L <= 2048 else 8, triton.next_power_of_2(L))
+    block_d = max(1, min(triton.next_power_of_2(d), 2048 // (block_n * block_t)))
     return block_d, block_t, 2
 
 
@@ -302,7 +306,7 @@ class _TritonSelectiveScan(torch.autograd.Function):
             *out.stride(),
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
             SOFTPLUS=bool(delta_softplus), STORE_LAST=bool(return_last_state),
-            BLOCK_D=block_d, BLOCK_N=_next_power_of_2(n), BLOCK_T=block_t, num_warps=warps,
+            BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(n), BLOCK_T=block_t, num_warps=warps,
         )
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
         ctx.delta_softplus = bool(delta_softplus)
@@ -318,7 +322,7 @@ class _TritonSelectiveScan(torch.autograd.Function):
         batch, d, L = u.shape
         n = A.shape[1]
         block_d, block_t, warps = ctx.launch
-        block_n = _next_power_of_2(n)
+        block_n = triton.next_power_of_2(n)
         n_chunks = triton.cdiv(L, block_t)
         d_blocks = triton.cdiv(d, block_d)
         du, ddelta = torch.empty_like(u), torch.empty_like(delta)
