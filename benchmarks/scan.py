@@ -33,10 +33,6 @@ SWEEP = [(16, 8, 4), (32, 4, 4), (8, 16, 4), (32, 8, 4), (16, 4, 2), (16, 8, 2),
          (64, 4, 8), (16, 16, 8), (4, 16, 1), (8, 8, 1), (32, 16, 8), (64, 8, 8)]
 
 
-def cuda_ms(fn, reps, warmup=3):
-    return median_cuda_ms(fn, warmup=warmup, reps=reps)
-
-
 def make_inputs(batch, d, n, L, dtype=torch.float32):
     g = torch.Generator(device="cuda").manual_seed(0)
 
@@ -80,12 +76,12 @@ def ceilings():
     """This GPU's copy bandwidth (GB/s, read + write) and exp2 throughput (per second)."""
     src = torch.empty(2**28, device="cuda")  # 1 GiB
     dst = torch.empty_like(src)
-    copy_ms = cuda_ms(lambda: dst.copy_(src), 10)
+    copy_ms = median_cuda_ms(lambda: dst.copy_(src), warmup=3, reps=10)
     bandwidth = 2 * src.numel() * 4 / (copy_ms / 1000) / 1e9
     block, iters = 1024, 4096
     x = torch.rand(132 * 64 * block, device="cuda")
     out = torch.empty_like(x)
-    exp_ms = cuda_ms(lambda: _exp2_loop[(x.numel() // block,)](x, out, ITERS=iters, BLOCK=block), 5)
+    exp_ms = median_cuda_ms(lambda: _exp2_loop[(x.numel() // block,)](x, out, ITERS=iters, BLOCK=block), warmup=3, reps=5)
     exps_per_s = x.numel() * iters / (exp_ms / 1000)
     return {"copy_GBps": round(bandwidth, 1), "exp2_per_s": exps_per_s}
 
@@ -117,20 +113,23 @@ def main():
         for d in args.widths:
             for n in args.states:
                 x = make_inputs(batch, d, n, L)
-                mamba_ms = cuda_ms(fwd_bwd(selective_scan_fn, x), args.reps)
+                mamba_ms = median_cuda_ms(fwd_bwd(selective_scan_fn, x), warmup=3, reps=args.reps)
                 default = triton_scan.launch_config(d, n, L)
-                tried = {default: cuda_ms(fwd_bwd(triton_scan.selective_scan_triton, x, config=default), args.reps)}
+                tried = {default: median_cuda_ms(fwd_bwd(triton_scan.selective_scan_triton, x, config=default), warmup=3,
+                                                reps=args.reps)}
                 if args.sweep and (d, n) == (128, 32):  # the recommendation shape; compiles cost time
                     for config in SWEEP:
                         if config not in tried:
                             try:
-                                tried[config] = cuda_ms(fwd_bwd(triton_scan.selective_scan_triton, x, config=config),
-                                                        max(5, args.reps // 4))
+                                tried[config] = median_cuda_ms(
+                                    fwd_bwd(triton_scan.selective_scan_triton, x, config=config),
+                                    warmup=3, reps=max(5, args.reps // 4))
                             except Exception as e:  # a tiling that does not compile or fit: record and go on
                                 print(f"  {config}: {type(e).__name__}: {str(e)[:120]}", flush=True)
-                ours_tm = cuda_ms(fwd_bwd(triton_scan.selective_scan_triton, time_major(x), config=default), args.reps)
-                fwd_only = cuda_ms(lambda: triton_scan.selective_scan_triton(**x, delta_softplus=True, config=default),
-                                   args.reps)
+                ours_tm = median_cuda_ms(fwd_bwd(triton_scan.selective_scan_triton, time_major(x), config=default),
+                                         warmup=3, reps=args.reps)
+                fwd_only = median_cuda_ms(lambda: triton_scan.selective_scan_triton(**x, delta_softplus=True, config=default),
+                                          warmup=3, reps=args.reps)
                 best = min(tried, key=tried.get)
                 ours = tried[default]
                 # Exps the Triton kernels compute: 1 per (b, d, t, n) forward, 2 backward.

@@ -23,7 +23,7 @@ from torch import nn
 from recbole_mamba.config import MODEL_SAMPLED_LOSSES
 from recbole_mamba.errors import UserInputError
 from recbole_mamba.nn import losses
-from recbole_mamba.nn.mamba_mixer import SCAN_KERNELS, MambaMixer, resolve_backend
+from recbole_mamba.nn.mamba_mixer import MambaMixer, check_scan_kernel, resolve_backend
 
 LOSS_TYPES = ("CE", "BPR", "BCE", "SampledSoftmax")
 # num_negatives when the config leaves it empty: one per position for the pairwise losses, a shared
@@ -95,8 +95,7 @@ class Mamba4Rec(SequentialRecommender):
         dropout = config["dropout_prob"]
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
             raise UserInputError(f"dropout_prob must be a number in [0, 1), got {dropout!r}.")
-        if config["scan_kernel"] not in SCAN_KERNELS:
-            raise UserInputError(f"scan_kernel must be one of {', '.join(SCAN_KERNELS)}, got {config['scan_kernel']!r}.")
+        check_scan_kernel(config["scan_kernel"])
         Mamba4Rec._check_loss_config(config)
         resolve_backend(config["mamba_backend"], config["device"])  # fails early if unusable
 

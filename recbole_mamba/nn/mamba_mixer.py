@@ -17,6 +17,7 @@ The backend is chosen once, by :func:`resolve_backend`, when the module is built
 import importlib.metadata
 import logging
 import math
+import statistics
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +45,12 @@ def _load_cuda_kernels():
     except ImportError:  # triton ships with torch's CUDA builds; without it only mamba-ssm's scan runs
         selective_scan_triton = None
     return {**ops, "fused": fused, "triton": selective_scan_triton}, None
+
+
+def check_scan_kernel(scan_kernel):
+    """Refuse a ``scan_kernel`` setting that is not one of SCAN_KERNELS, naming the valid ones."""
+    if scan_kernel not in SCAN_KERNELS:
+        raise UserInputError(f"scan_kernel must be one of {', '.join(SCAN_KERNELS)}, got {scan_kernel!r}.")
 
 
 def _version(package):
@@ -106,8 +113,7 @@ class MambaMixer(nn.Module):
         super().__init__()
         if backend not in ("cuda", "torch"):
             raise ValueError(f"backend must be 'cuda' or 'torch' (use resolve_backend), got {backend!r}")
-        if scan_kernel not in SCAN_KERNELS:
-            raise UserInputError(f"scan_kernel must be one of {', '.join(SCAN_KERNELS)}, got {scan_kernel!r}.")
+        check_scan_kernel(scan_kernel)
         self.backend = backend
         self.scan_kernel = scan_kernel
         self.d_state = d_state
@@ -279,7 +285,7 @@ def median_cuda_ms(fn, warmup=2, reps=5):
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+    return statistics.median(times)
 
 
 def _contiguous_inputs(scan):
