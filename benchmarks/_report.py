@@ -55,7 +55,8 @@ def environment():
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "versions": {name: _version(name) for name in
-                     ("torch", "numpy", "recbole", "recbole-mamba", "mamba-ssm", "causal-conv1d")},
+                     ("torch", "numpy", "recbole", "recbole-mamba", "mamba-ssm", "causal-conv1d", "triton",
+                      "liger-kernel")},
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,
         "git_revision": _git_revision(),
     }

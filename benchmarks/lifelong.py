@@ -8,7 +8,8 @@ so windows of every L are full) and on ml-1m at one long L:
   windows of L items, ``tokens_per_batch // L`` windows a batch (so a batch holds about the same
   tokens at every L and an epoch is every training interaction once);
 - the same model around the encoder: RecMamba's embedding (items x sqrt(d) + positions, dropout,
-  LayerNorm) and its all-position chunked full-softmax CE loss, width 64, 2 layers, dropout 0.2
+  LayerNorm) and its all-position loss (``--loss_type``: chunked full-softmax CE by default, or
+  BCE / SampledSoftmax with sampled negatives), width 64, 2 layers, dropout 0.2
   (RecMamba's default) for all three, 2 heads and inner size 256 for attention (RecBole's SASRec
   defaults); only the layers differ (benchmarks/_peers.py): RecMamba's Mamba layers, RecBole's SASRec encoder
   (``TransformerEncoder`` with SASRec's causal mask), and a causal transformer whose attention is
@@ -27,6 +28,7 @@ and memory against L), or into $BENCHMARK_RESULTS.
     python benchmarks/lifelong.py --data_path=/work/shared/datasets            # on the GPU (generated data: ./dataset)
     python benchmarks/lifelong.py --data_path=... --parts=speed --max_batches=30  # shorter
     python benchmarks/lifelong.py --data_path=... --parts=speed --bf16 --name=lifelong_bf16
+    python benchmarks/lifelong.py --data_path=... --parts=profile               # lifelong_profile.txt: kernels per encoder
     python benchmarks/lifelong.py --smoke                                       # tiny, on a CPU
 """
 
@@ -59,13 +61,15 @@ ENCODERS = ("RecMamba", "SASRec encoder (RecBole)", "flash-attention transformer
 FULL = {
     "lengths": [512, 2048, 8192, 16384], "tokens_per_batch": 65536, "hidden_size": 64, "num_layers": 2,
     "gen_users": 128, "gen_items": 5000, "gen_mean_length": 20000, "ml1m_length": 2048,
-    "accuracy_length": 2048, "accuracy_epochs": 30, "warmup_batches": 3,
+    "accuracy_length": 2048, "accuracy_epochs": 30, "warmup_batches": 3, "loss_type": "CE",
+    "profile_length": 2048, "profile_steps": 10,
 }
 # A CPU smoke test of the code: tiny data and model; its numbers mean nothing.
 SMOKE = {
     "lengths": [16, 64], "tokens_per_batch": 256, "hidden_size": 16, "num_layers": 1,
     "gen_users": 6, "gen_items": 80, "gen_mean_length": 150, "ml1m_length": 0,
-    "accuracy_length": 64, "accuracy_epochs": 1, "warmup_batches": 1, "max_batches": 2,
+    "accuracy_length": 64, "accuracy_epochs": 1, "warmup_batches": 1, "max_batches": 2, "loss_type": "CE",
+    "profile_length": 16, "profile_steps": 2,
 }
 
 
@@ -88,7 +92,7 @@ def model_settings(args, data_name, length):
         "data_path": data_path, "MAX_ITEM_LIST_LENGTH": length, "hidden_size": args.hidden_size,
         "num_layers": args.num_layers, "train_batch_size": max(1, args.tokens_per_batch // length),
         "eval_batch_size": max(1, args.tokens_per_batch // length), "show_progress": False, "worker": 0,
-        "mamba_backend": "auto" if ON_GPU else "torch", "log_wandb": False,
+        "mamba_backend": "auto" if ON_GPU else "torch", "log_wandb": False, "loss_type": args.loss_type,
         # Keep every interaction of the generated data (its items are all used by many users).
         **({"user_inter_num_interval": "[0,inf)", "item_inter_num_interval": "[0,inf)"} if args.smoke else {}),
     }
@@ -189,6 +193,46 @@ def speed_rows(args, data_name, lengths, rows, write):
             write()
 
 
+def profile_tables(args, data_name):
+    """torch.profiler over ``profile_steps`` training steps of each encoder at ``profile_length``:
+    the kernels that take the GPU's time, after the untimed warm-up steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    config = create_config("RecMamba", data_name, config_dict=model_settings(args, data_name, args.profile_length))
+    train, _, _ = prepare_dataloaders(config, load_dataset(config))
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ON_GPU else [])
+    sort_by = "self_cuda_time_total" if ON_GPU else "self_cpu_time_total"
+    tables = []
+    for encoder in args.encoders:
+        model = build_model(encoder, config, train.dataset)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        model.train()
+        stream = batches(train)
+        for step, batch in enumerate(stream):
+            # steps before the profile: warm-up, one-off work per shape (scan-kernel choice, compilation)
+            profiling = step >= args.warmup_batches
+            if profiling and step == args.warmup_batches:
+                synchronized_time()
+                prof = profile(activities=activities)
+                prof.__enter__()
+                start = time.perf_counter()
+            loss = model.calculate_loss(batch.to(DEVICE))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if step + 1 == args.warmup_batches + args.profile_steps:
+                break
+        seconds = synchronized_time() - start
+        prof.__exit__(None, None, None)
+        table = prof.key_averages().table(sort_by=sort_by, row_limit=25, max_name_column_width=70)
+        tables.append(f"## {encoder}: {args.profile_steps} training steps at L={args.profile_length}, "
+                      f"{config['train_batch_size']} windows, loss {args.loss_type} "
+                      f"({seconds / args.profile_steps * 1000:.1f} ms per step under the profiler)\n\n{table}")
+        model = optimizer = None
+        free_gpu()
+    return "\n\n".join(tables) + "\n"
+
+
 def accuracy_row(args, data_name):
     from recbole_mamba import run
 
@@ -225,7 +269,7 @@ def accuracy_table(rows):
     return "\n".join(lines)
 
 
-def plot(rows, data_name, path):
+def plot(rows, data_name, path, loss_type="CE"):
     plt = _report.pyplot()
     if plt is None:
         return
@@ -244,7 +288,7 @@ def plot(rows, data_name, path):
     _report.against_length(axes, "MAX_ITEM_LIST_LENGTH (same tokens per batch at every length)",
                            ("seconds per training epoch", "peak GPU memory (GiB)"))
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"{data_name} (GENERATED data): all-position CE, width 64" if "generated" in data_name else data_name)
+    fig.suptitle(f"{data_name} (GENERATED data): all-position {loss_type} loss, width 64" if "generated" in data_name else data_name)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")
@@ -266,7 +310,7 @@ def parse_args(argv):
     parser.add_argument("--smoke", action="store_true", help="tiny sizes in a temporary folder (CPU smoke test)")
     parser.add_argument("--data_path", help="folder of datasets holding ml-1m")
     parser.add_argument("--gen_path", default="dataset", help="folder the generated data is written to (and read from)")
-    parser.add_argument("--parts", default="speed,accuracy", help="comma-separated: speed, accuracy")
+    parser.add_argument("--parts", default="speed,accuracy", help="comma-separated: speed, accuracy, profile")
     parser.add_argument("--lengths", type=lambda s: [int(v) for v in s.split(",")])
     parser.add_argument("--encoders", type=lambda s: s.split(","), default=list(ENCODERS),
                         help=f"comma-separated, of: {', '.join(ENCODERS)}")
@@ -299,7 +343,7 @@ def main(argv=None):
     png = _report.RESULTS / f"{args.name}.png"
     if args.plot:
         results = json.loads((_report.RESULTS / f"{args.name}.json").read_text())["results"]
-        plot(results["speed"], results["generated_data"], png)
+        plot(results["speed"], results["generated_data"], png, results["settings"].get("loss_type", "CE"))
         return 0
     if not ON_GPU:
         print("no CUDA GPU: the numbers mean nothing (memory reads 0)", flush=True)
@@ -312,7 +356,7 @@ def main(argv=None):
     def write():
         tables = []
         if results["speed"]:
-            tables += ["## Training speed and memory (all-position CE, flat storage)", "", speed_table(results["speed"]), ""]
+            tables += [f"## Training speed and memory (all-position {args.loss_type} loss, flat storage)", "", speed_table(results["speed"]), ""]
         if results["accuracy"]:
             tables += ["## RecMamba, full-ranking accuracy", "", accuracy_table(results["accuracy"]), ""]
         _report.write(args.name, env, results, "\n".join(tables), notes=(
@@ -322,11 +366,17 @@ def main(argv=None):
             "Peak: torch.cuda.max_memory_allocated() over the timed batches, parameters and optimizer state included."))
 
     accuracy_data = generated if args.smoke else "ml-1m"
+    if "profile" in parts:
+        path = _report.RESULTS / f"{args.name}_profile.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"# {env['device']}, {env['date']}, `{env['command']}`\n{generated} is GENERATED data.\n\n"
+                        + profile_tables(args, generated))
+        print(f"wrote {path}", flush=True)
     if "speed" in parts:
         speed_rows(args, generated, args.lengths, results["speed"], write)
         if args.ml1m_length:
             speed_rows(args, "ml-1m", [args.ml1m_length], results["speed"], write)
-        plot(results["speed"], generated, png)
+        plot(results["speed"], generated, png, args.loss_type)
     if "accuracy" in parts:
         results["accuracy"].append(accuracy_row(args, accuracy_data))
         print(results["accuracy"][-1], flush=True)

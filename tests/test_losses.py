@@ -70,6 +70,61 @@ def test_chunked_cross_entropy_computes_in_float32_under_autocast():
     torch.testing.assert_close(loss, expected, rtol=2e-2, atol=2e-2)
 
 
+def test_chunked_cross_entropy_without_grad_gives_the_value_and_no_gradient():
+    hidden, weight, targets = random_problem()
+    h, w = leaves(hidden, weight)
+    with torch.no_grad():
+        loss = losses.chunked_cross_entropy(h, w, targets, 5)
+    torch.testing.assert_close(loss, F.cross_entropy(hidden @ weight.t(), targets), rtol=1e-12, atol=1e-12)
+    assert not loss.requires_grad
+
+
+def test_liger_ce_kernel_is_refused_where_it_cannot_run():
+    hidden, weight, targets = random_problem(dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="runs on CUDA GPUs only"):
+        losses.chunked_cross_entropy(hidden, weight, targets, 8, kernel="liger")
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        losses.chunked_cross_entropy(hidden, weight, targets, 8, kernel="fast")
+
+
+needs_liger = pytest.mark.skipif(
+    not torch.cuda.is_available() or losses._liger_fused_linear_cross_entropy() is None,
+    reason="needs a CUDA GPU and liger-kernel")
+
+
+@needs_liger
+@pytest.mark.parametrize("n_positions, n_items, chunk_size", [(1, 50, 4096), (1000, 3707, 64), (20000, 5000, 4096)])
+def test_liger_ce_kernel_equals_the_torch_one_on_a_gpu(n_positions, n_items, chunk_size):
+    # The fast path (Liger's fused Triton kernel) against the PyTorch chunks, float32, TF32 off.
+    hidden, weight, targets = random_problem(n_positions, n_items, 64, dtype=torch.float32)
+    hidden, weight, targets = hidden.cuda(), (weight * 0.1).cuda(), targets.cuda()
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        results = {}
+        for kernel in ("torch", "liger"):
+            h, w = leaves(hidden, weight)
+            loss = losses.chunked_cross_entropy(h, w, targets, chunk_size, kernel=kernel)
+            (3.0 * loss).backward()
+            results[kernel] = loss, h.grad, w.grad
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    for fast, slow in zip(results["liger"], results["torch"]):
+        torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5 * float(slow.abs().max()))
+
+
+@needs_liger
+def test_liger_ce_kernel_under_bf16_autocast_computes_in_float32():
+    hidden, weight, targets = random_problem(300, 500, 64, dtype=torch.float32)
+    h, w = leaves(hidden.cuda().bfloat16(), weight.cuda().bfloat16())
+    with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
+        loss = losses.chunked_cross_entropy(h, w, targets.cuda(), 64, kernel="liger")
+    loss.backward()
+    expected = F.cross_entropy(h.float() @ w.float().t(), targets.cuda())
+    assert loss.dtype == torch.float32 and h.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+
+
 # Pairwise losses with sampled negatives -----------------------------------------------------------
 
 

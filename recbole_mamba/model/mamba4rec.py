@@ -38,7 +38,7 @@ class Mamba4Rec(SequentialRecommender):
     ``dropout_prob``, ``loss_type`` (CE, BPR, BCE or SampledSoftmax), ``d_state``, ``d_conv``,
     ``expand``, ``mamba_backend`` (auto, cuda or torch), ``scan_kernel`` (auto, mamba_ssm or triton:
     the cuda backend's selective scan), ``negative_sampling``, ``num_negatives``,
-    ``logq_correction``, ``ce_chunk_size``; and ``train_mode`` (``yaml/overall.yaml``).
+    ``logq_correction``, ``ce_chunk_size``, ``ce_kernel``; and ``train_mode`` (``yaml/overall.yaml``).
     """
 
     supports_all_positions = True  # see recbole_mamba.data.preparation
@@ -55,8 +55,11 @@ class Mamba4Rec(SequentialRecommender):
         self.num_negatives = config["num_negatives"] or DEFAULT_NUM_NEGATIVES.get(self.loss_type)
         self.logq_correction = config["logq_correction"]
         self.ce_chunk_size = config["ce_chunk_size"]
+        self.ce_kernel = config["ce_kernel"]
         self.backend, description = resolve_backend(config["mamba_backend"], config["device"])
         logging.getLogger().info(f"Mamba backend: {description}")
+        if self.loss_type == "CE" and self.train_mode == "all_positions":
+            logging.getLogger().info(f"CE kernel: {losses.describe_ce_kernel(self.ce_kernel, config['device'])}")
 
         self.item_embedding = nn.Embedding(self.n_items, self.hidden_size, padding_idx=0)
         self.LayerNorm = nn.LayerNorm(self.hidden_size, eps=1e-12)
@@ -115,6 +118,10 @@ class Mamba4Rec(SequentialRecommender):
                 f"loss_type {loss_type} draws its negatives inside the model (negative_sampling, "
                 "num_negatives): remove train_neg_sample_args."
             )
+        if config["ce_kernel"] not in losses.CE_KERNELS:
+            raise UserInputError(f"ce_kernel must be one of {', '.join(losses.CE_KERNELS)}, got {config['ce_kernel']!r}.")
+        if config["ce_kernel"] == "liger" and losses.liger_cross_entropy_missing(config["device"]):
+            raise UserInputError(f"ce_kernel liger: {losses.liger_cross_entropy_missing(config['device'])}")
         if config["negative_sampling"] not in losses.NEGATIVE_SAMPLING:
             raise UserInputError(
                 f"negative_sampling must be one of {', '.join(losses.NEGATIVE_SAMPLING)}, "
@@ -169,7 +176,10 @@ class Mamba4Rec(SequentialRecommender):
             targets = targets[:, : hidden.size(1)]
             positions = torch.arange(hidden.size(1), device=hidden.device)
             is_scored = (positions[None, :] < item_seq_len[:, None]) & (targets > 0)
-            return self.position_loss(hidden[is_scored], targets[is_scored])
+            # One host-device sync (nonzero) for both gathers; index_select's backward needs none.
+            scored = is_scored.reshape(-1).nonzero().squeeze(1)
+            hidden = hidden.reshape(-1, hidden.size(-1)).index_select(0, scored)
+            return self.position_loss(hidden, targets.reshape(-1).index_select(0, scored))
 
         seq_output = self.forward(item_seq, item_seq_len)
         if self.loss_type == "BPR":  # negatives from RecBole's dataloader, as in RecBole
@@ -184,7 +194,8 @@ class Mamba4Rec(SequentialRecommender):
     def position_loss(self, hidden, targets):
         """The loss of (N, hidden_size) positions whose next items are ``targets`` (N,)."""
         if self.loss_type == "CE":
-            return losses.chunked_cross_entropy(hidden, self.item_embedding.weight, targets, self.ce_chunk_size)
+            return losses.chunked_cross_entropy(hidden, self.item_embedding.weight, targets, self.ce_chunk_size,
+                                                self.ce_kernel)
         pos_scores = (hidden * self.item_embedding(targets)).sum(dim=-1)
         if self.loss_type == "SampledSoftmax":
             negatives = self.draw_negatives(targets, (self.num_negatives,))

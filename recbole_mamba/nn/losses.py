@@ -5,7 +5,8 @@ every non-padding position of every window (N = batch x length, less the padding
 here do not know which: the model flattens its positions first.
 
 - :func:`chunked_cross_entropy`: softmax over every item, computed ``chunk_size`` positions at a
-  time, in forward and in backward, so no (N x n_items) logits tensor is ever held;
+  time, so no (N x n_items) logits tensor is ever held (in PyTorch, or in Liger-Kernel's fused
+  Triton kernel on a GPU where it is installed);
 - :func:`bpr_loss` and :func:`bce_loss`: one score per sampled negative and position;
 - :func:`sampled_softmax_loss`: softmax over the target and negatives shared by all positions,
   with the logQ correction for the probability with which each item was sampled;
@@ -14,6 +15,8 @@ here do not know which: the model flattens its positions first.
 Sampled negatives that equal a position's own target ("accidental hits") are left out of that
 position's loss: they would push the target's score down.
 """
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -24,59 +27,111 @@ NEGATIVE_SAMPLING = ("uniform", "in_batch")
 class ChunkedCrossEntropy(torch.autograd.Function):
     """Mean over positions of ``cross_entropy(hidden @ weight.T, targets)``, ``chunk_size`` rows at a time.
 
-    Forward keeps only each position's log-sum-exp; backward recomputes each chunk's logits and
-    turns them into the chunk's gradient at once (softmax minus one-hot). Peak extra memory is one
-    chunk's logits (``chunk_size x n_items``) instead of all of them. Computed in at least float32
-    (a softmax over thousands of items needs it; autocast is off inside); gradients come back in
-    the inputs' dtypes.
+    Peak extra memory is one chunk's logits (``chunk_size x n_items``) instead of all of them.
+    With ``with_grad`` (training), each chunk's logits become the chunk's gradient (softmax minus
+    one-hot) while they are in memory, so backward only scales the stored gradients: three GEMMs
+    and one pass over the logits per chunk, instead of recomputing them in backward. Computed in
+    at least float32 (a softmax over thousands of items needs it; autocast is off inside);
+    gradients come back in the inputs' dtypes.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size):
-        with torch.autocast(device_type=hidden.device.type, enabled=False):
-            h32, w32 = _at_least_float32(hidden), _at_least_float32(weight)
-            lse = torch.empty(hidden.size(0), dtype=h32.dtype, device=hidden.device)
-            target_logit = (h32 * w32[targets]).sum(dim=-1)
-            for start in range(0, hidden.size(0), chunk_size):
-                stop = start + chunk_size
-                lse[start:stop] = torch.logsumexp(h32[start:stop] @ w32.t(), dim=-1)
-        ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.chunk_size = chunk_size
-        return (lse - target_logit).mean()
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        hidden, weight, targets, lse = ctx.saved_tensors
+    def forward(ctx, hidden, weight, targets, chunk_size, with_grad):
         n_positions = hidden.size(0)
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             h32, w32 = _at_least_float32(hidden), _at_least_float32(weight)
-            grad_hidden = torch.empty_like(h32)
-            grad_weight = torch.zeros_like(w32)
-            scale = grad_loss.to(h32.dtype) / n_positions
-            for start in range(0, n_positions, ctx.chunk_size):
-                stop = start + ctx.chunk_size
-                h_chunk = h32[start:stop]
-                # d(mean CE)/d(logits) = (softmax - one_hot(target)) / N, built in place.
-                grad_logits = torch.exp(h_chunk @ w32.t() - lse[start:stop, None])
+            position_losses = torch.empty(n_positions, dtype=h32.dtype, device=hidden.device)
+            grad_hidden = torch.empty_like(h32) if with_grad else None
+            grad_weight = torch.zeros_like(w32) if with_grad else None
+            for start in range(0, n_positions, chunk_size):
+                stop = start + chunk_size
+                h_chunk, t_chunk = h32[start:stop], targets[start:stop]
+                logits = h_chunk @ w32.t()
+                lse = torch.logsumexp(logits, dim=-1)
                 rows = torch.arange(h_chunk.size(0), device=hidden.device)
-                grad_logits[rows, targets[start:stop]] -= 1
-                grad_logits *= scale
-                grad_hidden[start:stop] = grad_logits @ w32
-                grad_weight.addmm_(grad_logits.t(), h_chunk)
-        return grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), None, None
+                position_losses[start:stop] = lse - logits[rows, t_chunk]
+                if with_grad:  # d(sum of CE)/d(logits) = softmax - one_hot(target), in the logits' memory
+                    grad_logits = logits.sub_(lse[:, None]).exp_()
+                    grad_logits[rows, t_chunk] -= 1
+                    grad_hidden[start:stop] = grad_logits @ w32
+                    grad_weight.addmm_(grad_logits.t(), h_chunk)
+        if with_grad:
+            ctx.save_for_backward(grad_hidden / n_positions, grad_weight / n_positions)
+        ctx.dtypes = hidden.dtype, weight.dtype
+        return position_losses.mean()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if not ctx.saved_tensors:
+            raise RuntimeError("ChunkedCrossEntropy was called with with_grad=False: it has no gradient to give.")
+        grad_hidden, grad_weight = ctx.saved_tensors
+        hidden_dtype, weight_dtype = ctx.dtypes
+        return (grad_hidden * grad_loss).to(hidden_dtype), (grad_weight * grad_loss).to(weight_dtype), None, None, None
 
 
 def _at_least_float32(tensor):
     return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
 
 
-def chunked_cross_entropy(hidden, weight, targets, chunk_size):
+def _liger_fused_linear_cross_entropy():
+    """Liger-Kernel's fused linear cross entropy (Triton), or None where it is not installed."""
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    except ImportError:
+        return None
+    return liger_fused_linear_cross_entropy
+
+
+def chunked_cross_entropy(hidden, weight, targets, chunk_size, kernel="auto"):
     """Full-softmax cross entropy of (N, d) ``hidden`` over all rows of ``weight``, averaged over N.
 
     Equals ``F.cross_entropy(hidden @ weight.t(), targets)`` (values and gradients) without
-    materialising the (N, n_items) logits; see :class:`ChunkedCrossEntropy`.
+    materialising the (N, n_items) logits. ``kernel``: ``torch`` (:class:`ChunkedCrossEntropy`),
+    ``liger`` (Liger-Kernel's fused Triton kernel: one pass over each chunk's logits instead of
+    several; CUDA tensors, needs ``liger-kernel``, installed by the ``gpu`` extra) or ``auto``
+    (``liger`` for CUDA tensors where it is installed). Both chunk the positions so that about
+    ``chunk_size`` rows of logits exist at once, in float32.
     """
-    return ChunkedCrossEntropy.apply(hidden, weight, targets, int(chunk_size))
+    if kernel not in CE_KERNELS:
+        raise ValueError(f"kernel must be one of {CE_KERNELS}, got {kernel!r}")
+    liger = _liger_fused_linear_cross_entropy() if kernel != "torch" and hidden.is_cuda else None
+    if kernel == "liger" and liger is None:
+        raise RuntimeError(f"kernel 'liger': {liger_cross_entropy_missing(hidden.device)}")
+    if liger is not None:
+        n_positions, dim = hidden.shape
+        # Liger sizes its chunks as about chunk_mem_const x N x d logits: ask for chunk_size rows.
+        chunk_mem_const = max(1, math.ceil(chunk_size * weight.size(0) / (max(n_positions, 1) * dim)))
+        with torch.autocast(device_type="cuda", enabled=False):
+            loss = liger(_at_least_float32(hidden), _at_least_float32(weight), targets,
+                         chunk_mem_const=chunk_mem_const)
+        return loss
+    with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return ChunkedCrossEntropy.apply(hidden, weight, targets, int(chunk_size), with_grad)
+
+
+CE_KERNELS = ("auto", "torch", "liger")
+
+
+def liger_cross_entropy_missing(device):
+    """Why the liger CE kernel cannot run on ``device``, or None when it can."""
+    if torch.device(device).type != "cuda":
+        return f"Liger-Kernel's cross entropy runs on CUDA GPUs only, and the device is {device}."
+    if _liger_fused_linear_cross_entropy() is None:
+        return "liger-kernel is not installed: pip install -e '.[gpu]' (or pip install liger-kernel)."
+    return None
+
+
+def describe_ce_kernel(kernel, device):
+    """The implementation ``chunked_cross_entropy(kernel=kernel)`` uses on ``device``, in words."""
+    if kernel == "torch" or (kernel == "auto" and liger_cross_entropy_missing(device)):
+        return "torch (recbole_mamba.nn.losses.ChunkedCrossEntropy)"
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        release = f" {version('liger-kernel')}"
+    except PackageNotFoundError:  # importable without its metadata (e.g. from a plain folder)
+        release = ""
+    return f"liger (Liger-Kernel{release} fused linear cross entropy)"
 
 
 def sample_negatives(targets, shape, n_items, how, generator=None):
