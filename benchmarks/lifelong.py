@@ -380,7 +380,8 @@ def main(argv=None):
     if "accuracy" in parts:
         results["accuracy"].append(accuracy_row(args, accuracy_data))
         print(results["accuracy"][-1], flush=True)
-    write()
+    if results["speed"] or results["accuracy"]:  # a profile-only run leaves earlier results alone
+        write()
     return 0
 
 
