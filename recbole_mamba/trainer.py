@@ -1,6 +1,6 @@
 """RecBole's Trainer with what the plugin adds to it, and the choice of trainer for a model.
 
-It adds two things. First, mixed precision in bfloat16: RecBole's ``enable_amp`` autocasts to the
+It adds three things. First, mixed precision in bfloat16: RecBole's ``enable_amp`` autocasts to the
 device's default dtype (float16 on CUDA, which needs a loss scaler); ``amp_dtype: bfloat16``
 autocasts to bfloat16 instead, which does not. The parameters (the SSM's included) stay in float32.
 
@@ -20,6 +20,14 @@ and loses every epoch after the best one.
   and resumed ends with exactly the metrics of a run that was never interrupted (on the same
   machine, with the same settings).
 
+Third, a training loop without host-device syncs per batch (:class:`SyncFreeTrainLoop`). RecBole's
+loop reads every batch's loss (``loss.item()``) and checks it for NaN before the backward pass: two
+waits for the GPU per batch, during which it cannot queue the next kernels. For small, fast batches
+(all-position training) the GPU then idles while Python launches the backward pass. The plugin's loop
+adds the losses up on the device and checks for NaN every ``nan_check_every`` batches (and at the end of
+the epoch), with RecBole's error; everything else (order of operations, gradient clipping, loss
+scaling, the returned epoch loss) is RecBole's.
+
 RecBole's model-specific trainers (pre-training, knowledge graphs, ...) are used as they are; they
 resume as RecBole does.
 """
@@ -32,8 +40,10 @@ import random
 import numpy as np
 import torch
 from recbole.trainer import Trainer as RecBoleTrainer
+from recbole.utils import get_gpu_usage, set_color
 from recbole.utils import get_trainer as recbole_get_trainer
-from recbole.utils import set_color
+from torch.nn.utils import clip_grad_norm_
+from tqdm import tqdm
 
 from recbole_mamba import compat
 from recbole_mamba.checkpoint import CheckpointError, load_checkpoint
@@ -188,9 +198,65 @@ def read_resume_checkpoint(path, config, map_location="cpu"):
     return checkpoint
 
 
-class Trainer(ResumableTraining, RecBoleTrainer):
-    """RecBole's Trainer, with a resumable '-last.pth' checkpoint after every epoch; with
-    ``enable_amp``, autocast runs in ``amp_dtype``."""
+class SyncFreeTrainLoop:
+    """Mixin for a RecBole ``Trainer``: ``_train_epoch`` without a host-device sync per batch
+    (see the module docstring). Distributed training keeps RecBole's loop."""
+
+    nan_check_every = 50  # batches between NaN checks: one sync each
+
+    def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
+        if not self.config["single_spec"]:
+            return super()._train_epoch(train_data, epoch_idx, loss_func, show_progress)
+        self.model.train()
+        loss_func = loss_func or self.model.calculate_loss
+        iter_data = (
+            tqdm(train_data, total=len(train_data), ncols=100, desc=set_color(f"Train {epoch_idx:>5}", "pink"))
+            if show_progress else train_data
+        )
+        scaler = torch.amp.GradScaler(enabled=self.enable_scaler)
+        total, parts = None, None  # sums on the device: the loss, and each part of a tuple loss
+        try:
+            for batch_idx, interaction in enumerate(iter_data):
+                total, parts = self._train_batch(interaction, batch_idx, loss_func, scaler, total, parts)
+                if self.gpu_available and show_progress:
+                    iter_data.set_postfix_str(set_color("GPU RAM: " + get_gpu_usage(self.device), "yellow"))
+        except Exception as error:
+            # A NaN loss not yet checked makes NaN parameters, and the error they cause later
+            # (e.g. in the selective scan) would hide the cause: report the NaN first.
+            if total is not None and bool(torch.isnan(total)):
+                raise ValueError("Training loss is nan") from error
+            raise
+        if total is None:
+            return None
+        self._check_nan(total)  # a NaN in any batch makes the sum NaN
+        return tuple(float(part) for part in parts) if parts is not None else float(total)
+
+    def _train_batch(self, interaction, batch_idx, loss_func, scaler, total, parts):
+        """One optimisation step, as RecBole's; returns the updated loss sums (on the device)."""
+        interaction = interaction.to(self.device)
+        self.optimizer.zero_grad()
+        with torch.autocast(device_type=self.device.type, enabled=self.enable_amp):
+            losses = loss_func(interaction)
+        if isinstance(losses, tuple):
+            loss = sum(losses)
+            batch_parts = torch.stack([part.detach().float() for part in losses])
+            parts = batch_parts if parts is None else parts + batch_parts
+        else:
+            loss = losses
+        total = loss.detach().float() if total is None else total + loss.detach().float()
+        if (batch_idx + 1) % self.nan_check_every == 0:
+            self._check_nan(total)
+        scaler.scale(loss).backward()
+        if self.clip_grad_norm:
+            clip_grad_norm_(self.model.parameters(), **self.clip_grad_norm)
+        scaler.step(self.optimizer)
+        scaler.update()
+        return total, parts
+
+
+class Trainer(ResumableTraining, SyncFreeTrainLoop, RecBoleTrainer):
+    """RecBole's Trainer, with a resumable '-last.pth' checkpoint after every epoch, no host-device
+    sync per batch; with ``enable_amp``, autocast runs in ``amp_dtype``."""
 
     def __init__(self, config, model):
         super().__init__(config, model)
