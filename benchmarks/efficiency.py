@@ -330,7 +330,7 @@ def main():
         add_ratios(results["epoch"])
         tables = []
         if results["epoch"]:
-            tables += [f"## One training epoch ({args.dataset}, L=200, batch 2048, RecBole's Trainer)", "",
+            tables += [f"## One training epoch ({args.dataset}, L=200, batch 2048, the plugin's Trainer: RecBole's, without a sync per batch)", "",
                        epoch_table(results["epoch"]), ""]
         if results["sweep"]:
             tables += [f"## Encoders alone (batch x L = {args.sweep_tokens:,}, forward + backward)", "",

@@ -17,6 +17,7 @@ def one_epoch_dtypes(tiny_ml100k, **settings):
     data_path, name = tiny_ml100k
     config = create_config("Mamba4Rec", name, config_dict={
         **FAST_SETTINGS, "data_path": data_path, "use_gpu": False, "mamba_backend": "torch", **settings})
+    config["device"] = torch.device("cpu")  # RecBole picks the GPU wherever there is one
     train_data, _, _ = data_preparation(config, create_dataset(config))
     model = config.model_class(config, train_data._dataset)
     seen = set()
@@ -60,6 +61,7 @@ def trained_one_epoch(tiny_ml100k, train_epoch, loss_hook=None, **settings):
     data_path, name = tiny_ml100k
     config = create_config("Mamba4Rec", name, config_dict={
         **FAST_SETTINGS, "data_path": data_path, "use_gpu": False, "mamba_backend": "torch", **settings})
+    config["device"] = torch.device("cpu")  # RecBole picks the GPU wherever there is one
     train_data, _, _ = prepare_dataloaders(config, load_dataset(config))
     init_seed(config["seed"], config["reproducibility"])
     model = config.model_class(config, train_data._dataset)
