@@ -31,6 +31,7 @@ from recbole_mamba.trainer import amp_dtype
 PLUGIN_MODELS = {
     "Mamba4Rec": "recbole_mamba.model.mamba4rec",
     "RecMamba": "recbole_mamba.model.recmamba",
+    "SASRecAllPositions": "recbole_mamba.model.sasrec_all_positions",
 }
 
 # Losses of the plugin's models whose negatives the model draws itself (not RecBole's dataloader).

@@ -13,6 +13,7 @@ import run_recbole_mamba
 from recbole_mamba import load_data_and_model, run
 from recbole_mamba.checkpoint import load_checkpoint
 from recbole_mamba.data.dataloader import WindowDataLoader
+from recbole_mamba.nn import losses
 from recbole_mamba.quick_start import create_config
 from tests.conftest import EMBEDDED_ML100K, FAST_SETTINGS, REPO
 
@@ -64,11 +65,15 @@ def cli_settings(data_path, **extra):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "model, train_mode", [("Mamba4Rec", "prefix"), ("SASRec", "prefix"), ("Mamba4Rec", "all_positions")]
+    "model, train_mode",
+    [("Mamba4Rec", "prefix"), ("SASRec", "prefix"), ("Mamba4Rec", "all_positions"), ("SASRecAllPositions", "all_positions")],
 )
 def test_cli_trains_and_beats_random_ranking(model, train_mode, tiny_ml100k, tmp_path):
     data_path, name = tiny_ml100k
-    settings = cli_settings(data_path, train_mode=train_mode)
+    # A batch of 256 windows is the whole slice: one step per epoch. SASRec's dropout (0.5) needs
+    # more steps than 3 to learn; 16 windows a batch gives it about 20 per epoch.
+    extra = {"train_batch_size": 16} if model == "SASRecAllPositions" else {}
+    settings = cli_settings(data_path, train_mode=train_mode, **extra)
     output = run_cli([f"--model={model}", f"--dataset={name}", *settings], cwd=tmp_path)
     table = results_table(output)
     assert set(table) == {"hit@10", "ndcg@10", "mrr@10"}, output[-2000:]
@@ -92,6 +97,9 @@ def test_cli_trains_and_beats_random_ranking(model, train_mode, tiny_ml100k, tmp
     assert (windows is not None) == (train_mode == "all_positions")
     if windows:
         assert windows.group(2) == windows.group(3) == windows.group(4)
+        # the log names the CE implementation: Liger's kernel only on a GPU where it is installed
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        assert f"CE kernel: {'torch' if losses.liger_cross_entropy_missing(device) else 'liger'}" in output
 
 
 @pytest.mark.slow

@@ -15,23 +15,16 @@ position t sees only the items up to t), except the context-only positions of ov
 
 import logging
 
-import torch
 from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.model.loss import BPRLoss
 from torch import nn
 
-from recbole_mamba.config import MODEL_SAMPLED_LOSSES
 from recbole_mamba.errors import UserInputError
-from recbole_mamba.nn import losses
+from recbole_mamba.model.all_positions import AllPositionLosses
 from recbole_mamba.nn.mamba_mixer import MambaMixer, check_scan_kernel, resolve_backend
 
-LOSS_TYPES = ("CE", "BPR", "BCE", "SampledSoftmax")
-# num_negatives when the config leaves it empty: one per position for the pairwise losses, a shared
-# pool for the sampled softmax (which needs many to approximate the full one).
-DEFAULT_NUM_NEGATIVES = {"BPR": 1, "BCE": 1, "SampledSoftmax": 256}
 
-
-class Mamba4Rec(SequentialRecommender):
+class Mamba4Rec(AllPositionLosses, SequentialRecommender):
     r"""Mamba4Rec, a RecBole sequential recommender.
 
     Config keys (defaults in ``yaml/model/Mamba4Rec.yaml``): ``hidden_size``, ``num_layers``,
@@ -41,25 +34,15 @@ class Mamba4Rec(SequentialRecommender):
     ``logq_correction``, ``ce_chunk_size``, ``ce_kernel``; and ``train_mode`` (``yaml/overall.yaml``).
     """
 
-    supports_all_positions = True  # see recbole_mamba.data.preparation
-
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
         self.check_config(config)
         self.hidden_size = config["hidden_size"]
         self.num_layers = config["num_layers"]
         self.dropout_prob = config["dropout_prob"]
-        self.loss_type = config["loss_type"]
-        self.train_mode = config["train_mode"]
-        self.negative_sampling = config["negative_sampling"]
-        self.num_negatives = config["num_negatives"] or DEFAULT_NUM_NEGATIVES.get(self.loss_type)
-        self.logq_correction = config["logq_correction"]
-        self.ce_chunk_size = config["ce_chunk_size"]
-        self.ce_kernel = config["ce_kernel"]
+        self.init_losses(config)
         self.backend, description = resolve_backend(config["mamba_backend"], config["device"])
         logging.getLogger().info(f"Mamba backend: {description}")
-        if self.loss_type == "CE" and self.train_mode == "all_positions":
-            logging.getLogger().info(f"CE kernel: {losses.describe_ce_kernel(self.ce_kernel, config['device'])}")
 
         self.item_embedding = nn.Embedding(self.n_items, self.hidden_size, padding_idx=0)
         self.LayerNorm = nn.LayerNorm(self.hidden_size, eps=1e-12)
@@ -90,7 +73,7 @@ class Mamba4Rec(SequentialRecommender):
     @staticmethod
     def check_config(config):
         """Reject hyperparameters the model cannot be built with, naming the key and valid range."""
-        positive_ints = ("hidden_size", "num_layers", "d_state", "d_conv", "expand", "ce_chunk_size")
+        positive_ints = ("hidden_size", "num_layers", "d_state", "d_conv", "expand")
         for key in positive_ints:
             value = config[key]
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -99,39 +82,8 @@ class Mamba4Rec(SequentialRecommender):
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
             raise UserInputError(f"dropout_prob must be a number in [0, 1), got {dropout!r}.")
         check_scan_kernel(config["scan_kernel"])
-        Mamba4Rec._check_loss_config(config)
+        Mamba4Rec.check_loss_config(config)
         resolve_backend(config["mamba_backend"], config["device"])  # fails early if unusable
-
-    @staticmethod
-    def _check_loss_config(config):
-        loss_type = config["loss_type"]
-        if loss_type not in LOSS_TYPES:
-            raise UserInputError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}.")
-        recbole_negatives = config["train_neg_sample_args"].get("distribution") != "none"
-        if loss_type == "BPR" and config["train_mode"] == "prefix" and not recbole_negatives:
-            raise UserInputError(
-                "loss_type BPR with train_mode prefix needs negative samples: set train_neg_sample_args, "
-                "e.g. --train_neg_sample_args=\"{'distribution': 'uniform', 'sample_num': 1}\"."
-            )
-        if loss_type in MODEL_SAMPLED_LOSSES and recbole_negatives:
-            raise UserInputError(
-                f"loss_type {loss_type} draws its negatives inside the model (negative_sampling, "
-                "num_negatives): remove train_neg_sample_args."
-            )
-        if config["ce_kernel"] not in losses.CE_KERNELS:
-            raise UserInputError(f"ce_kernel must be one of {', '.join(losses.CE_KERNELS)}, got {config['ce_kernel']!r}.")
-        if config["ce_kernel"] == "liger" and losses.liger_cross_entropy_missing(config["device"]):
-            raise UserInputError(f"ce_kernel liger: {losses.liger_cross_entropy_missing(config['device'])}")
-        if config["negative_sampling"] not in losses.NEGATIVE_SAMPLING:
-            raise UserInputError(
-                f"negative_sampling must be one of {', '.join(losses.NEGATIVE_SAMPLING)}, "
-                f"got {config['negative_sampling']!r}."
-            )
-        negatives = config["num_negatives"]
-        if negatives is not None and (not isinstance(negatives, int) or isinstance(negatives, bool) or negatives < 1):
-            raise UserInputError(f"num_negatives must be empty (the loss's default) or an integer >= 1, got {negatives!r}.")
-        if not isinstance(config["logq_correction"], bool):
-            raise UserInputError(f"logq_correction must be true or false, got {config['logq_correction']!r}.")
 
     @staticmethod
     def _init_weights(module):
@@ -167,20 +119,10 @@ class Mamba4Rec(SequentialRecommender):
         return self.gather_indexes(self.encode(item_seq, item_seq_len), item_seq_len - 1)
 
     def calculate_loss(self, interaction):
+        if self.train_mode == "all_positions":
+            return self.all_position_loss(interaction)
         item_seq, item_seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
         targets = interaction[self.POS_ITEM_ID]
-        if self.train_mode == "all_positions":
-            # A window: targets (B, L), the next item at each position, 0 at padding and at the
-            # context-only positions of overlapping windows; score the real positions with a target.
-            hidden = self.encode(item_seq, item_seq_len)
-            targets = targets[:, : hidden.size(1)]
-            positions = torch.arange(hidden.size(1), device=hidden.device)
-            is_scored = (positions[None, :] < item_seq_len[:, None]) & (targets > 0)
-            # One host-device sync (nonzero) for both gathers; index_select's backward needs none.
-            scored = is_scored.reshape(-1).nonzero().squeeze(1)
-            hidden = hidden.reshape(-1, hidden.size(-1)).index_select(0, scored)
-            return self.position_loss(hidden, targets.reshape(-1).index_select(0, scored))
-
         seq_output = self.forward(item_seq, item_seq_len)
         if self.loss_type == "BPR":  # negatives from RecBole's dataloader, as in RecBole
             pos_score = (seq_output * self.item_embedding(targets)).sum(dim=-1)
@@ -190,32 +132,6 @@ class Mamba4Rec(SequentialRecommender):
             logits = seq_output @ self.item_embedding.weight.t()
             return self.loss_fct(logits, targets)
         return self.position_loss(seq_output, targets)
-
-    def position_loss(self, hidden, targets):
-        """The loss of (N, hidden_size) positions whose next items are ``targets`` (N,)."""
-        if self.loss_type == "CE":
-            return losses.chunked_cross_entropy(hidden, self.item_embedding.weight, targets, self.ce_chunk_size,
-                                                self.ce_kernel)
-        pos_scores = (hidden * self.item_embedding(targets)).sum(dim=-1)
-        if self.loss_type == "SampledSoftmax":
-            negatives = self.draw_negatives(targets, (self.num_negatives,))
-            neg_scores = hidden @ self.item_embedding(negatives).t()
-            log_q = {}
-            if self.logq_correction and self.negative_sampling == "in_batch":
-                log_q["log_q_pos"] = losses.in_batch_log_q(targets, targets, self.n_items)
-                log_q["log_q_neg"] = losses.in_batch_log_q(targets, negatives, self.n_items)
-            # (uniform negatives: every item's log q is the same, which cancels in the softmax)
-            return losses.sampled_softmax_loss(pos_scores, neg_scores, targets, negatives, **log_q)
-        negatives = self.draw_negatives(targets, (targets.numel(), self.num_negatives))
-        neg_scores = torch.einsum("nd,nkd->nk", hidden, self.item_embedding(negatives))
-        not_target = negatives != targets[:, None]
-        if self.loss_type == "BPR":
-            return losses.bpr_loss(pos_scores, neg_scores, not_target)
-        return losses.bce_loss(pos_scores, neg_scores, not_target)
-
-    def draw_negatives(self, targets, shape):
-        """Negative item ids of ``shape`` for the positions whose targets are ``targets``."""
-        return losses.sample_negatives(targets, shape, self.n_items, self.negative_sampling)
 
     def predict(self, interaction):
         seq_output = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
