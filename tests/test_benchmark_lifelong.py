@@ -10,13 +10,19 @@ import pytest
 from tests.conftest import REPO
 
 
-@pytest.mark.slow
-def test_lifelong_benchmark_smoke(tmp_path, monkeypatch):
+def load_benchmark(results_folder, monkeypatch):
+    """benchmarks/lifelong.py as a module, writing its results into ``results_folder``."""
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     spec = importlib.util.spec_from_file_location("lifelong_benchmark", REPO / "benchmarks" / "lifelong.py")
     lifelong = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(lifelong)
-    monkeypatch.setattr(sys.modules["_report"], "RESULTS", tmp_path)
+    monkeypatch.setattr(sys.modules["_report"], "RESULTS", results_folder)
+    return lifelong
+
+
+@pytest.mark.slow
+def test_lifelong_benchmark_smoke(tmp_path, monkeypatch):
+    lifelong = load_benchmark(tmp_path, monkeypatch)
 
     assert lifelong.main(["--smoke", "--max_batches=1"]) == 0
     results = json.loads((tmp_path / "lifelong.json").read_text())["results"]
@@ -29,3 +35,17 @@ def test_lifelong_benchmark_smoke(tmp_path, monkeypatch):
     assert accuracy["model"] == "RecMamba" and 0 <= accuracy["test"]["ndcg@10"] <= 1
     markdown = (tmp_path / "lifelong.md").read_text()
     assert "GENERATED data" in markdown and "flash-attention transformer" in markdown
+
+
+@pytest.mark.slow
+def test_lifelong_profile_part_leaves_the_speed_results_alone(tmp_path, monkeypatch):
+    lifelong = load_benchmark(tmp_path, monkeypatch)
+    (tmp_path / "lifelong.md").write_text("earlier speed results")
+
+    assert lifelong.main(["--smoke", "--parts=profile", "--loss_type=BCE"]) == 0
+    profile = (tmp_path / "lifelong_profile.txt").read_text()
+    for encoder in lifelong.ENCODERS:
+        assert f"## {encoder}: 2 training steps at L=16" in profile and "loss BCE" in profile
+    assert "Self CPU time total" in profile  # torch.profiler's table (CPU times without a GPU)
+    assert (tmp_path / "lifelong.md").read_text() == "earlier speed results"
+    assert not (tmp_path / "lifelong.json").exists()
