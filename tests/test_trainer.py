@@ -1,5 +1,7 @@
 """The plugin's Trainer: RecBole's, with the autocast dtype set by ``amp_dtype``."""
 
+import itertools
+
 import pytest
 import torch
 from recbole.data import create_dataset, data_preparation
@@ -13,7 +15,7 @@ from tests.conftest import FAST_SETTINGS
 
 
 def one_epoch_dtypes(tiny_ml100k, **settings):
-    """Train one epoch on the CPU; return the dtypes the Mamba block's in_proj produced."""
+    """Train a few batches on the CPU; return the dtypes the Mamba block's in_proj produced."""
     data_path, name = tiny_ml100k
     config = create_config("Mamba4Rec", name, config_dict={
         **FAST_SETTINGS, "data_path": data_path, "use_gpu": False, "mamba_backend": "torch", **settings})
@@ -24,7 +26,7 @@ def one_epoch_dtypes(tiny_ml100k, **settings):
     model.mamba_layers[0].mamba.in_proj.register_forward_hook(lambda m, i, out: seen.add(out.dtype))
     trainer = get_trainer(config)(config, model)
     assert isinstance(trainer, Trainer)
-    trainer._train_epoch(train_data, 0)
+    trainer._train_epoch(itertools.islice(train_data, 3), 0)  # a few batches show the dtypes
     return seen
 
 
@@ -54,8 +56,9 @@ def test_recbole_models_get_the_plugin_trainer(tiny_ml100k):
 # The training loop without a host-device sync per batch -------------------------------------------
 
 
-def trained_one_epoch(tiny_ml100k, train_epoch, loss_hook=None, **settings):
-    """(epoch loss, parameters) after one epoch of ``train_epoch(trainer, train_data, 0)``, same seed."""
+def trained_one_epoch(tiny_ml100k, train_epoch, loss_hook=None, batches=8, **settings):
+    """(epoch loss, parameters) after an epoch of ``train_epoch(trainer, train_data, 0)`` cut to
+    ``batches`` batches (as RecBole's loop, ours iterates whatever it is given), same seed."""
     from recbole.utils import init_seed
 
     data_path, name = tiny_ml100k
@@ -69,7 +72,7 @@ def trained_one_epoch(tiny_ml100k, train_epoch, loss_hook=None, **settings):
         original = model.calculate_loss
         model.calculate_loss = lambda interaction: loss_hook(original(interaction))
     trainer = Trainer(config, model)
-    loss = train_epoch(trainer, train_data, 0)
+    loss = train_epoch(trainer, itertools.islice(train_data, batches), 0)
     return loss, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
