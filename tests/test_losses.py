@@ -88,7 +88,7 @@ def test_liger_ce_kernel_is_refused_where_it_cannot_run():
 
 
 needs_liger = pytest.mark.skipif(
-    not torch.cuda.is_available() or losses._liger_fused_linear_cross_entropy() is None,
+    not torch.cuda.is_available() or losses.liger_cross_entropy_missing("cuda") is not None,
     reason="needs a CUDA GPU and liger-kernel")
 
 

@@ -66,8 +66,9 @@ class AllPositionLosses:
             )
         if config["ce_kernel"] not in losses.CE_KERNELS:
             raise UserInputError(f"ce_kernel must be one of {', '.join(losses.CE_KERNELS)}, got {config['ce_kernel']!r}.")
-        if config["ce_kernel"] == "liger" and losses.liger_cross_entropy_missing(config["device"]):
-            raise UserInputError(f"ce_kernel liger: {losses.liger_cross_entropy_missing(config['device'])}")
+        liger_missing = losses.liger_cross_entropy_missing(config["device"])
+        if config["ce_kernel"] == "liger" and liger_missing:
+            raise UserInputError(f"ce_kernel liger: {liger_missing}")
         if config["negative_sampling"] not in losses.NEGATIVE_SAMPLING:
             raise UserInputError(
                 f"negative_sampling must be one of {', '.join(losses.NEGATIVE_SAMPLING)}, "

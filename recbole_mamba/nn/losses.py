@@ -16,6 +16,7 @@ Sampled negatives that equal a position's own target ("accidental hits") are lef
 position's loss: they would push the target's score down.
 """
 
+import functools
 import math
 
 import torch
@@ -73,6 +74,7 @@ def _at_least_float32(tensor):
     return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
 
 
+@functools.cache  # called at every training step: look for the package once
 def _liger_fused_linear_cross_entropy():
     """Liger-Kernel's fused linear cross entropy (Triton), or None where it is not installed."""
     try:
@@ -94,17 +96,13 @@ def chunked_cross_entropy(hidden, weight, targets, chunk_size, kernel="auto"):
     """
     if kernel not in CE_KERNELS:
         raise ValueError(f"kernel must be one of {CE_KERNELS}, got {kernel!r}")
-    liger = _liger_fused_linear_cross_entropy() if kernel != "torch" and hidden.is_cuda else None
-    if kernel == "liger" and liger is None:
-        raise RuntimeError(f"kernel 'liger': {liger_cross_entropy_missing(hidden.device)}")
-    if liger is not None:
+    if _uses_liger(kernel, hidden.device):
         n_positions, dim = hidden.shape
         # Liger sizes its chunks as about chunk_mem_const x N x d logits: ask for chunk_size rows.
         chunk_mem_const = max(1, math.ceil(chunk_size * weight.size(0) / (max(n_positions, 1) * dim)))
         with torch.autocast(device_type="cuda", enabled=False):
-            loss = liger(_at_least_float32(hidden), _at_least_float32(weight), targets,
-                         chunk_mem_const=chunk_mem_const)
-        return loss
+            return _liger_fused_linear_cross_entropy()(
+                _at_least_float32(hidden), _at_least_float32(weight), targets, chunk_mem_const=chunk_mem_const)
     with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return ChunkedCrossEntropy.apply(hidden, weight, targets, int(chunk_size), with_grad)
 
@@ -121,9 +119,20 @@ def liger_cross_entropy_missing(device):
     return None
 
 
+def _uses_liger(kernel, device):
+    """Whether ``chunked_cross_entropy(kernel=kernel)`` runs Liger's kernel on ``device``; an error
+    where ``liger`` is asked for and cannot run."""
+    if kernel == "torch":
+        return False
+    missing = liger_cross_entropy_missing(device)
+    if kernel == "liger" and missing:
+        raise RuntimeError(f"kernel 'liger': {missing}")
+    return missing is None
+
+
 def describe_ce_kernel(kernel, device):
     """The implementation ``chunked_cross_entropy(kernel=kernel)`` uses on ``device``, in words."""
-    if kernel == "torch" or (kernel == "auto" and liger_cross_entropy_missing(device)):
+    if not _uses_liger(kernel, device):
         return "torch (recbole_mamba.nn.losses.ChunkedCrossEntropy)"
     from importlib.metadata import PackageNotFoundError, version
 
