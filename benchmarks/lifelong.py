@@ -119,6 +119,16 @@ def batches(loader):
         yield from loader
 
 
+def train_step(model, optimizer, batch, bf16=False):
+    """One optimisation step on ``batch``; returns its loss."""
+    with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=bf16):
+        loss = model.calculate_loss(batch.to(DEVICE))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
 def time_training(model, loader, warmup, max_batches, time_limit, bf16=False):
     """Train one whole epoch (at least ``warmup`` batches) untimed, then time up to an epoch (or the caps).
 
@@ -131,12 +141,7 @@ def time_training(model, loader, warmup, max_batches, time_limit, bf16=False):
     model.train()
 
     def step(batch):
-        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=bf16):
-            loss = model.calculate_loss(batch.to(DEVICE))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return loss
+        return train_step(model, optimizer, batch, bf16)
 
     stream = batches(loader)
     for batch in itertools.islice(stream, max(warmup, len(loader))):
@@ -208,22 +213,14 @@ def profile_tables(args, data_name):
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
         model.train()
         stream = batches(train)
-        for step, batch in enumerate(stream):
-            # steps before the profile: warm-up, one-off work per shape (scan-kernel choice, compilation)
-            profiling = step >= args.warmup_batches
-            if profiling and step == args.warmup_batches:
-                synchronized_time()
-                prof = profile(activities=activities)
-                prof.__enter__()
-                start = time.perf_counter()
-            loss = model.calculate_loss(batch.to(DEVICE))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if step + 1 == args.warmup_batches + args.profile_steps:
-                break
-        seconds = synchronized_time() - start
-        prof.__exit__(None, None, None)
+        # warm-up first: one-off work per shape (scan-kernel choice, compilation) stays out of the profile
+        for batch in itertools.islice(stream, args.warmup_batches):
+            train_step(model, optimizer, batch, args.bf16)
+        with profile(activities=activities) as prof:
+            start = synchronized_time()
+            for batch in itertools.islice(stream, args.profile_steps):
+                train_step(model, optimizer, batch, args.bf16)
+            seconds = synchronized_time() - start
         table = prof.key_averages().table(sort_by=sort_by, row_limit=25, max_name_column_width=70)
         tables.append(f"## {encoder}: {args.profile_steps} training steps at L={args.profile_length}, "
                       f"{config['train_batch_size']} windows, loss {args.loss_type} "
