@@ -7,10 +7,11 @@ Same arguments and result as mamba-ssm's ``selective_scan_fn`` with real ``A`` a
 
 One program handles one batch row and a block of ``BLOCK_D`` channels with all ``n`` states.  It
 walks the sequence in chunks of ``BLOCK_T`` steps; inside a chunk the recurrence
-``h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t`` is an associative scan over the chunk's
-(BLOCK_D, n, BLOCK_T) tile, all in registers, and the chunk's last state carries to the next chunk.
-Nothing per (step, state) is written to memory: the forward saves no states at all, and the backward
-first re-runs the forward to keep only each chunk's starting state, then walks the chunks in reverse.
+``h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t`` runs step by step in registers (each thread holds every
+step of the chunk for its channels and states: see the tile comment below), and the chunk's last state
+carries to the next chunk.  Nothing per (step, state) is written to memory: the forward saves no
+states at all, and the backward first re-runs the forward to keep only each chunk's starting state,
+then walks the chunks in reverse, loading each chunk's inputs while it computes the one before.
 
 The slow, obviously correct twin is :func:`recbole_mamba.nn.selective_scan.selective_scan_reference`
 (float64); ``tests/test_triton_scan.py`` compares the two (on the CPU through Triton's interpreter,
@@ -33,15 +34,6 @@ def _linear_combine(a_left, b_left, a_right, b_right):
 
 
 @triton.jit
-def _linear_combine_with_previous(a_left, b_left, pa_left, pb_left, a_right, b_right, pa_right, pb_right):
-    # As _linear_combine, carrying a second map: the composition of every step before the last one.
-    # Scanning elements (a_t, b_t, 1, 0) gives at t both the map up to and including step t and the
-    # map up to step t-1, i.e. the state after and before step t, from one scan.
-    return (a_left * a_right, a_right * b_left + b_right,
-            a_left * pa_right, pa_right * b_left + pb_right)
-
-
-@triton.jit
 def _softplus(x):
     # log1p(exp(x)) without losing digits for very negative x (small dt), as mamba-ssm's log1pf:
     # log1p(e) = log(1 + e) * e / ((1 + e) - 1) corrects the rounding of 1 + e.
@@ -51,51 +43,172 @@ def _softplus(x):
     return tl.maximum(x, 0.0) + log1p_e
 
 
+# Tiles are 4-D: (time, state_high, channel, state_low), state n = state_high * N_LOW + state_low.
+# Splitting the states in two lets Triton keep one part inside each thread and spread the other over
+# lanes, next to the channels.  Compiled for an H100 (tiles (4, 4, 8, 8) on one warp), each thread holds
+# the chunk's time steps and the N_LOW states: the steps along time are plain register arithmetic, a sum
+# over states is 8 in-thread additions and then 2 shuffle rounds, a sum over channels 3 rounds.  With
+# (time, channel, state) tiles the states all went on the lanes and every sum over them took 5 rounds
+# per value: the backward spent more instructions on lane shuffles than on arithmetic.
+# Inputs are loaded as 2-D/3-D tiles and expanded (see _load_td), which keeps that layout.
+
+
 @triton.jit
-def _load_dt(delta_ptr, bias, offs_t, offs_d, mask, s_l, s_d, SOFTPLUS: tl.constexpr):
-    """dt for a (BLOCK_T, BLOCK_D) tile, and the pre-softplus value; dt = 0 where ``mask`` is off."""
-    raw = tl.load(delta_ptr + offs_t[:, None] * s_l + offs_d[None, :] * s_d, mask=mask, other=0.0)
-    raw = raw.to(tl.float32) + bias[None, :]
+def _sum_states(x):
+    """(T, NH, D, NL) -> (T, 1, D, 1): in-thread over the high part, then across the lanes."""
+    return tl.sum(tl.sum(x, axis=3, keep_dims=True), axis=1, keep_dims=True)
+
+
+@triton.jit
+def _pick(x, offs_local, index: tl.constexpr):
+    """x at time ``index`` of a (T, NH, D, NL) tile, as (1, NH, D, NL) (register tiles cannot be indexed)."""
+    return tl.sum(tl.where(offs_local == index, x, 0.0), axis=0, keep_dims=True)
+
+
+@triton.jit
+def _states_in_chunk(decay, inp, h0, local4, BLOCK_T: tl.constexpr):
+    """h_t and h_{t-1} at every step of a chunk that starts from state h0, as (T, NH, D, NL) tiles.
+
+    A plain loop over the chunk's steps: time is inside each thread, so every pick and placement below
+    is a choice of registers, resolved when the kernel is compiled.
+    """
+    states = tl.zeros(decay.shape, tl.float32)
+    h_prev = tl.zeros(decay.shape, tl.float32)
+    h = h0
+    for i in tl.static_range(BLOCK_T):
+        h_prev = tl.where(local4 == i, h, h_prev)
+        h = _pick(decay, local4, i) * h + _pick(inp, local4, i)
+        states = tl.where(local4 == i, h, states)
+    return states, h_prev
+
+
+@triton.jit
+def _state_grads_in_chunk(decay, dyC, k_next, local4, BLOCK_T: tl.constexpr):
+    """g_t = dyC_t + a_{t+1} g_{t+1} at every step of a chunk, walking it backwards, and a_0 g_0.
+
+    ``k_next`` is a g at the step after the chunk times its decay.  (A reverse ``tl.associative_scan``
+    computes the same, but Triton lowers it with hundreds of lane shuffles per chunk.)
+    """
+    g = tl.zeros(decay.shape, tl.float32)
+    k = k_next
+    for i in tl.static_range(BLOCK_T - 1, -1, -1):
+        g_i = _pick(dyC, local4, i) + k
+        g = tl.where(local4 == i, g_i, g)
+        k = _pick(decay, local4, i) * g_i
+    return g, k
+
+
+@triton.jit
+def _load_td(ptr, offs_t, offs_d, mask_t, mask_d, s_l, s_d):
+    """A (time, channel) input, from vectors of times and channels, as a float32 (T, 1, D, 1) tile.
+
+    Loaded as a 2-D tile and then expanded: Triton gives a load the layout that coalesces its memory
+    accesses (threads along time) and, through a reshape, would carry it to all the arithmetic that
+    uses the load; an expansion leaves the 4-D tiles their own layout.
+    """
+    return _raw_td(ptr, offs_t, offs_d, mask_t, mask_d, s_l, s_d)[:, None, :, None]
+
+
+@triton.jit
+def _load_tn(ptr, offs_t, offs_n, mask_t, mask_n, s_l, s_n, N_HIGH: tl.constexpr, N_LOW: tl.constexpr):
+    """A (time, state) input (B or C) as a float32 (T, NH, 1, NL) tile, from a 3-D load (see _load_td)."""
+    return _raw_tn(ptr, offs_t, offs_n, mask_t, mask_n, s_l, s_n, N_HIGH, N_LOW)[:, :, None, :]
+
+
+@triton.jit
+def _raw_td(ptr, offs_t, offs_d, mask_t, mask_d, s_l, s_d):
+    """A (time, channel) input as loaded: a float32 (T, D) tile."""
+    x = tl.load(ptr + offs_t[:, None] * s_l + offs_d[None, :] * s_d, mask=mask_t[:, None] & mask_d[None, :],
+                other=0.0)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _raw_tn(ptr, offs_t, offs_n, mask_t, mask_n, s_l, s_n, N_HIGH: tl.constexpr, N_LOW: tl.constexpr):
+    """A (time, state) input as loaded: a float32 (T, NH, NL) tile."""
+    offs_n3 = tl.arange(0, N_HIGH)[None, :, None] * N_LOW + tl.arange(0, N_LOW)[None, None, :]
+    x = tl.load(ptr + offs_t[:, None, None] * s_l + offs_n3 * s_n,
+                mask=mask_t[:, None, None] & mask_n.reshape(1, N_HIGH, N_LOW), other=0.0)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _store_td(ptr, x, offs_t, offs_d, mask_t, mask_d, s_l, s_d):
+    """Store a (T, 1, D, 1) tile at (time, channel) vectors, in the pointer's dtype."""
+    x = tl.reshape(x, (offs_t.shape[0], offs_d.shape[0]))
+    tl.store(ptr + offs_t[:, None] * s_l + offs_d[None, :] * s_d, x.to(ptr.dtype.element_ty),
+             mask=mask_t[:, None] & mask_d[None, :])
+
+
+@triton.jit
+def _as_tile(x, dim: tl.constexpr, N_HIGH: tl.constexpr, N_LOW: tl.constexpr):
+    """A vector of times (dim 0), states (dim 1) or channels (dim 2) as a 4-D tile that broadcasts."""
+    if dim == 0:
+        return tl.reshape(x, (x.shape[0], 1, 1, 1))
+    elif dim == 1:
+        return tl.reshape(x, (1, N_HIGH, 1, N_LOW))
+    else:
+        return tl.reshape(x, (1, 1, x.shape[0], 1))
+
+
+@triton.jit
+def _chunk_inputs(u_ptr, delta_ptr, B_ptr, bias, A2, offs_t, offs_d, offs_n, mask_t, mask_d, mask_n,
+                  s_ul, s_ud, s_dl, s_dd, s_bl, s_bn, SOFTPLUS: tl.constexpr, N_HIGH: tl.constexpr,
+                  N_LOW: tl.constexpr):
+    """Load the steps ``offs_t`` and return their (decay, input, ...): see _decay_and_input."""
+    raw = _raw_td(delta_ptr, offs_t, offs_d, mask_t, mask_d, s_dl, s_dd)
+    u = _raw_td(u_ptr, offs_t, offs_d, mask_t, mask_d, s_ul, s_ud)
+    Bt = _raw_tn(B_ptr, offs_t, offs_n, mask_t, mask_n, s_bl, s_bn, N_HIGH, N_LOW)
+    return _decay_and_input(raw, u, Bt, bias, A2, mask_t, mask_d, SOFTPLUS, N_HIGH, N_LOW)
+
+
+@triton.jit
+def _decay_and_input(raw, u, Bt, bias, A2, mask_t, mask_d, SOFTPLUS: tl.constexpr, N_HIGH: tl.constexpr,
+                     N_LOW: tl.constexpr):
+    """exp(dt A) and dt u B of a chunk, (T, NH, D, NL) tiles, from its delta and u, (T, D), and B, (T, NH, NL).
+
+    Also dt, the pre-softplus value and u, (T, 1, D, 1), and B_t, (T, NH, 1, NL).  dt = 0 at padding
+    steps and channels, which makes them the identity (decay 1, input 0).
+    """
+    raw = raw[:, None, :, None] + bias
     dt = _softplus(raw) if SOFTPLUS else raw
-    # dt = 0 makes a step the identity (decay 1, input 0): padding steps then change nothing.
-    return tl.where(mask, dt, 0.0), raw
-
-
-@triton.jit
-def _chunk_inputs(u_ptr, delta_ptr, B_ptr, bias, A2, offs_t, offs_d, offs_n, mask_td, mask_tn,
-                  s_ul, s_ud, s_dl, s_dd, s_bl, s_bn, SOFTPLUS: tl.constexpr):
-    """(decay, input) of the steps in ``offs_t``: exp(dt A) and dt u B, both (BLOCK_T, BLOCK_D, BLOCK_N)."""
-    dt, raw = _load_dt(delta_ptr, bias, offs_t, offs_d, mask_td, s_dl, s_dd, SOFTPLUS)
-    u = tl.load(u_ptr + offs_t[:, None] * s_ul + offs_d[None, :] * s_ud, mask=mask_td, other=0.0).to(tl.float32)
-    Bt = tl.load(B_ptr + offs_t[:, None] * s_bl + offs_n[None, :] * s_bn, mask=mask_tn, other=0.0).to(tl.float32)
-    decay = tl.exp2(dt[:, :, None] * A2[None, :, :])
-    inp = (dt * u)[:, :, None] * Bt[:, None, :]
+    dt = tl.where(_as_tile(mask_t, 0, N_HIGH, N_LOW) & _as_tile(mask_d, 2, N_HIGH, N_LOW), dt, 0.0)
+    u = u[:, None, :, None]
+    Bt = Bt[:, :, None, :]
+    decay = tl.exp2(dt * A2)
+    inp = (dt * u) * Bt
     return decay, inp, dt, raw, u, Bt
 
 
 @triton.jit
 def _channel_params(A_ptr, bias_ptr, D_ptr, offs_d, offs_n, mask_d, mask_n, N, HAS_BIAS: tl.constexpr,
-                    HAS_D: tl.constexpr, BLOCK_D: tl.constexpr):
-    """A (BLOCK_D, BLOCK_N), A * log2(e), delta_bias and D of the program's channels, float32.
+                    HAS_D: tl.constexpr, N_HIGH: tl.constexpr, N_LOW: tl.constexpr):
+    """A and A * log2(e) as (1, NH, D, NL), delta_bias and D as (1, 1, D, 1), float32.
 
     exp(dt A) = exp2(dt A2); padded states get A = 0 (decay 1, input 0); absent bias and D are zeros.
     """
-    A = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mask_d[:, None] & mask_n[None, :],
-                other=0.0).to(tl.float32)
-    bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) if HAS_BIAS else tl.zeros(
-        [BLOCK_D], tl.float32)
-    Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) if HAS_D else tl.zeros([BLOCK_D], tl.float32)
+    d4, n4 = _as_tile(offs_d, 2, N_HIGH, N_LOW), _as_tile(offs_n, 1, N_HIGH, N_LOW)
+    mask_d4 = _as_tile(mask_d, 2, N_HIGH, N_LOW)
+    A = tl.load(A_ptr + d4 * N + n4, mask=mask_d4 & _as_tile(mask_n, 1, N_HIGH, N_LOW), other=0.0).to(tl.float32)
+    bias = tl.load(bias_ptr + d4, mask=mask_d4, other=0.0).to(tl.float32) if HAS_BIAS else 0.0 * d4
+    Dv = tl.load(D_ptr + d4, mask=mask_d4, other=0.0).to(tl.float32) if HAS_D else 0.0 * d4
     return A, A * 1.4426950408889634, bias, Dv
 
 
 @triton.jit
-def _pick(x, offs_local, index: tl.constexpr):
-    """x[index] of a (BLOCK_T, BLOCK_D, BLOCK_N) tile (register tiles cannot be indexed)."""
-    return tl.sum(tl.where(offs_local[:, None, None] == index, x, 0.0), axis=0)
+def _pass2_loads(delta_ptr, u_ptr, B_ptr, C_ptr, dout_ptr, z_ptr, offs_t, offs_d, offs_n, mask_t, mask_d, mask_n,
+                 s_dl, s_dd, s_ul, s_ud, s_bl, s_bn, s_cl, s_cn, s_gl, s_gd, s_zl, s_zd, HAS_Z: tl.constexpr,
+                 N_HIGH: tl.constexpr, N_LOW: tl.constexpr):
+    """The backward's inputs at times ``offs_t``, as loaded: (T, D) and (T, NH, NL) float32 tiles."""
+    raw = _raw_td(delta_ptr, offs_t, offs_d, mask_t, mask_d, s_dl, s_dd)
+    u = _raw_td(u_ptr, offs_t, offs_d, mask_t, mask_d, s_ul, s_ud)
+    B = _raw_tn(B_ptr, offs_t, offs_n, mask_t, mask_n, s_bl, s_bn, N_HIGH, N_LOW)
+    C = _raw_tn(C_ptr, offs_t, offs_n, mask_t, mask_n, s_cl, s_cn, N_HIGH, N_LOW)
+    dy = _raw_td(dout_ptr, offs_t, offs_d, mask_t, mask_d, s_gl, s_gd)
+    z = _raw_td(z_ptr, offs_t, offs_d, mask_t, mask_d, s_zl, s_zd) if HAS_Z else dy
+    return raw, u, B, C, dy, z
 
 
-# Tiles are (time, channel, state) with time first: Triton spreads threads over the last axes, so
-# each thread holds a run of time steps and the scans along time stay within a thread.
 @triton.jit
 def _scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, last_ptr,
@@ -103,48 +216,48 @@ def _scan_fwd_kernel(
     s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_bb, s_bn, s_bl, s_cb, s_cn, s_cl, s_zb, s_zd, s_zl,
     s_ob, s_od, s_ol,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    STORE_LAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+    STORE_LAST: tl.constexpr, BLOCK_D: tl.constexpr, N_HIGH: tl.constexpr, N_LOW: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
     b = tl.program_id(0)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
+    offs_n = tl.arange(0, N_HIGH * N_LOW)
     offs_local = tl.arange(0, BLOCK_T)
     mask_d, mask_n = offs_d < DIM, offs_n < N
     A, A2, bias, Dv = _channel_params(A_ptr, bias_ptr, D_ptr, offs_d, offs_n, mask_d, mask_n, N, HAS_BIAS, HAS_D,
-                                      BLOCK_D)
+                                      N_HIGH, N_LOW)
+    local4 = _as_tile(offs_local, 0, N_HIGH, N_LOW)
     u_ptr += b * s_ub
     delta_ptr += b * s_db
     B_ptr += b * s_bb
     C_ptr += b * s_cb
     z_ptr += b * s_zb
     out_ptr += b * s_ob
-    h = tl.zeros([BLOCK_D, BLOCK_N], tl.float32)
+    h = tl.zeros([1, N_HIGH, BLOCK_D, N_LOW], tl.float32)
     t0 = 0
     while t0 < L:  # (a while loop: Triton's interpreter cannot range() over a runtime length with numpy 2)
         offs_t = t0 + offs_local
         mask_t = offs_t < L
-        mask_td = mask_t[:, None] & mask_d[None, :]
-        mask_tn = mask_t[:, None] & mask_n[None, :]
-        decay, inp, dt, raw, u, Bt = _chunk_inputs(u_ptr, delta_ptr, B_ptr, bias, A2, offs_t, offs_d, offs_n,
-                                                   mask_td, mask_tn, s_ul, s_ud, s_dl, s_dd, s_bl, s_bn, SOFTPLUS)
+        decay, inp, dt, raw, u, Bt = _chunk_inputs(u_ptr, delta_ptr, B_ptr, bias, A2, offs_t, offs_d, offs_n, mask_t,
+                                                   mask_d, mask_n, s_ul, s_ud, s_dl, s_dd, s_bl, s_bn, SOFTPLUS,
+                                                   N_HIGH, N_LOW)
         decay_prod, local = tl.associative_scan((decay, inp), 0, _linear_combine)
-        states = decay_prod * h[None, :, :] + local
-        Ct = tl.load(C_ptr + offs_t[:, None] * s_cl + offs_n[None, :] * s_cn, mask=mask_tn, other=0.0).to(tl.float32)
-        y = tl.sum(states * Ct[:, None, :], axis=2)
+        states = decay_prod * h + local
+        Ct = _load_tn(C_ptr, offs_t, offs_n, mask_t, mask_n, s_cl, s_cn, N_HIGH, N_LOW)
+        y = _sum_states(states * Ct)
         if HAS_D:
-            y += Dv[None, :] * u
+            y += Dv * u
         if HAS_Z:
-            z = tl.load(z_ptr + offs_t[:, None] * s_zl + offs_d[None, :] * s_zd, mask=mask_td, other=0.0)
-            z = z.to(tl.float32)
+            z = _load_td(z_ptr, offs_t, offs_d, mask_t, mask_d, s_zl, s_zd)
             y *= z * tl.sigmoid(z)
-        tl.store(out_ptr + offs_t[:, None] * s_ol + offs_d[None, :] * s_od, y.to(out_ptr.dtype.element_ty),
-                 mask=mask_td)
+        _store_td(out_ptr, y, offs_t, offs_d, mask_t, mask_d, s_ol, s_od)
         # Padding steps are the identity, so the chunk's last slot holds the state after its last real step.
-        h = _pick(states, offs_local, BLOCK_T - 1)
+        h = _pick(states, local4, BLOCK_T - 1)
         t0 += BLOCK_T
     if STORE_LAST:
-        tl.store(last_ptr + b * DIM * N + offs_d[:, None] * N + offs_n[None, :], h,
-                 mask=mask_d[:, None] & mask_n[None, :])
+        d4, n4 = _as_tile(offs_d, 2, N_HIGH, N_LOW), _as_tile(offs_n, 1, N_HIGH, N_LOW)
+        tl.store(last_ptr + b * DIM * N + d4 * N + n4, h,
+                 mask=_as_tile(mask_d, 2, N_HIGH, N_LOW) & _as_tile(mask_n, 1, N_HIGH, N_LOW))
 
 
 @triton.jit
@@ -155,7 +268,7 @@ def _scan_bwd_kernel(
     s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_bb, s_bn, s_bl, s_cb, s_cn, s_cl, s_zb, s_zd, s_zl,
     s_gb, s_gd, s_gl, s_dub, s_dud, s_dul, s_ddb, s_ddd, s_ddl, s_dzb, s_dzd, s_dzl,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr, N_HIGH: tl.constexpr, N_LOW: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     # Gradients, with g_t = dLoss/dh_t, a_t = exp(dt_t A), dy_t the gradient of y_t before D and the gate:
     #   g_t = dy_t C_t + a_{t+1} g_{t+1}
@@ -165,12 +278,14 @@ def _scan_bwd_kernel(
     b = tl.program_id(0)
     pid_d = tl.program_id(1)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
+    offs_n = tl.arange(0, N_HIGH * N_LOW)
     offs_local = tl.arange(0, BLOCK_T)
     mask_d, mask_n = offs_d < DIM, offs_n < N
-    mask_dn = mask_d[:, None] & mask_n[None, :]
     A, A2, bias, Dv = _channel_params(A_ptr, bias_ptr, D_ptr, offs_d, offs_n, mask_d, mask_n, N, HAS_BIAS, HAS_D,
-                                      BLOCK_D)
+                                      N_HIGH, N_LOW)
+    local4 = _as_tile(offs_local, 0, N_HIGH, N_LOW)
+    d4, n4 = _as_tile(offs_d, 2, N_HIGH, N_LOW), _as_tile(offs_n, 1, N_HIGH, N_LOW)
+    mask_dn4 = _as_tile(mask_d, 2, N_HIGH, N_LOW) & _as_tile(mask_n, 1, N_HIGH, N_LOW)
     u_ptr += b * s_ub
     delta_ptr += b * s_db
     B_ptr += b * s_bb
@@ -183,109 +298,114 @@ def _scan_bwd_kernel(
     dz_ptr += b * s_dzb
     dB_ptr += b * N * L
     dC_ptr += b * N * L
-    # This program's chunk-start states: (N_CHUNKS, BLOCK_D, BLOCK_N), float32.
-    chunk_h0_ptr += (b * tl.num_programs(1) + pid_d) * N_CHUNKS * BLOCK_D * BLOCK_N
-    tile_dn = tl.arange(0, BLOCK_D)[:, None] * BLOCK_N + offs_n[None, :]
+    # This program's chunk-start states: (N_CHUNKS, NH, BLOCK_D, NL), float32.
+    tile_size: tl.constexpr = N_HIGH * BLOCK_D * N_LOW
+    chunk_h0_ptr += (b * tl.num_programs(1) + pid_d) * N_CHUNKS * tile_size
+    tile_index = (n4 // N_LOW * BLOCK_D + (d4 - pid_d * BLOCK_D)) * N_LOW + n4 % N_LOW
 
     # Pass 1: re-run the forward, keeping only the state before each chunk.
-    h = tl.zeros([BLOCK_D, BLOCK_N], tl.float32)
+    h = tl.zeros([1, N_HIGH, BLOCK_D, N_LOW], tl.float32)
     c = 0
     while c < N_CHUNKS:
         offs_t = c * BLOCK_T + offs_local
         mask_t = offs_t < L
-        tl.store(chunk_h0_ptr + c * BLOCK_D * BLOCK_N + tile_dn, h)
-        decay, inp, dt, raw, u, Bt = _chunk_inputs(
-            u_ptr, delta_ptr, B_ptr, bias, A2, offs_t, offs_d, offs_n, mask_t[:, None] & mask_d[None, :],
-            mask_t[:, None] & mask_n[None, :], s_ul, s_ud, s_dl, s_dd, s_bl, s_bn, SOFTPLUS)
+        tl.store(chunk_h0_ptr + c * tile_size + tile_index, h)
+        decay, inp, dt, raw, u, Bt = _chunk_inputs(u_ptr, delta_ptr, B_ptr, bias, A2, offs_t, offs_d, offs_n, mask_t,
+                                                   mask_d, mask_n, s_ul, s_ud, s_dl, s_dd, s_bl, s_bn, SOFTPLUS,
+                                                   N_HIGH, N_LOW)
         decay_prod, local = tl.associative_scan((decay, inp), 0, _linear_combine)
-        h = _pick(decay_prod * h[None, :, :] + local, offs_local, BLOCK_T - 1)
+        h = _pick(decay_prod * h + local, local4, BLOCK_T - 1)
         c += 1
     # Pass 2 may read a chunk state that another thread of this program wrote.
     tl.debug_barrier()
 
     # Pass 2: the chunks in reverse.
-    k_next = tl.zeros([BLOCK_D, BLOCK_N], tl.float32)
-    dA_acc = tl.zeros([BLOCK_D, BLOCK_N], tl.float32)
-    dD_acc = tl.zeros([BLOCK_D], tl.float32)
+    k_next = tl.zeros([1, N_HIGH, BLOCK_D, N_LOW], tl.float32)
+    dA_acc = tl.zeros([1, N_HIGH, BLOCK_D, N_LOW], tl.float32)
+    dD_acc = tl.zeros([1, 1, BLOCK_D, 1], tl.float32)
     c = N_CHUNKS - 1
+    offs_t = c * BLOCK_T + offs_local
+    mask_t = offs_t < L
+    n_raw, n_u, n_B, n_C, n_dy, n_z = _pass2_loads(delta_ptr, u_ptr, B_ptr, C_ptr, dout_ptr, z_ptr, offs_t, offs_d,
+                                                   offs_n, mask_t, mask_d, mask_n, s_dl, s_dd, s_ul, s_ud, s_bl, s_bn,
+                                                   s_cl, s_cn, s_gl, s_gd, s_zl, s_zd, HAS_Z, N_HIGH, N_LOW)
+    n_h0 = tl.load(chunk_h0_ptr + c * tile_size + tile_index)
     while c >= 0:
         offs_t = c * BLOCK_T + offs_local
         mask_t = offs_t < L
-        mask_td = mask_t[:, None] & mask_d[None, :]
-        mask_tn = mask_t[:, None] & mask_n[None, :]
-        h0 = tl.load(chunk_h0_ptr + c * BLOCK_D * BLOCK_N + tile_dn)
-        decay, inp, dt, raw, u, Bt = _chunk_inputs(u_ptr, delta_ptr, B_ptr, bias, A2, offs_t, offs_d, offs_n,
-                                                   mask_td, mask_tn, s_ul, s_ud, s_dl, s_dd, s_bl, s_bn, SOFTPLUS)
-        # h_t and h_{t-1} for every step of the chunk from one scan.  (Recovering h_{t-1} as
-        # (h_t - input_t) / decay_t would divide by decays that underflow to zero.)
-        ones, zeros = tl.full(decay.shape, 1.0, tl.float32), tl.zeros(decay.shape, tl.float32)
-        prod, local, prod_p, local_p = tl.associative_scan((decay, inp, ones, zeros), 0,
-                                                           _linear_combine_with_previous)
-        states = prod * h0[None, :, :] + local
-        h_prev = prod_p * h0[None, :, :] + local_p
+        raw2, u2, B3, C3, dy2, z2, h0 = n_raw, n_u, n_B, n_C, n_dy, n_z, n_h0
+        # The previous chunk's inputs, loaded now so that their latency overlaps this chunk's arithmetic.
+        offs_p = offs_t - BLOCK_T
+        n_raw, n_u, n_B, n_C, n_dy, n_z = _pass2_loads(delta_ptr, u_ptr, B_ptr, C_ptr, dout_ptr, z_ptr, offs_p, offs_d,
+                                                       offs_n, offs_p >= 0, mask_d, mask_n, s_dl, s_dd, s_ul, s_ud,
+                                                       s_bl, s_bn, s_cl, s_cn, s_gl, s_gd, s_zl, s_zd, HAS_Z, N_HIGH,
+                                                       N_LOW)
+        n_h0 = tl.load(chunk_h0_ptr + (c - 1) * tile_size + tile_index, mask=(tile_index >= 0) & (c > 0), other=0.0)
+        decay, inp, dt, raw, u, Bt = _decay_and_input(raw2, u2, B3, bias, A2, mask_t, mask_d, SOFTPLUS, N_HIGH,
+                                                      N_LOW)
+        # h_t and h_{t-1} for every step of the chunk.  (Recovering h_{t-1} as (h_t - input_t) / decay_t
+        # would divide by decays that underflow to zero.)
+        states, h_prev = _states_in_chunk(decay, inp, h0, local4, BLOCK_T)
 
-        Ct = tl.load(C_ptr + offs_t[:, None] * s_cl + offs_n[None, :] * s_cn, mask=mask_tn, other=0.0).to(tl.float32)
-        dy = tl.load(dout_ptr + offs_t[:, None] * s_gl + offs_d[None, :] * s_gd, mask=mask_td, other=0.0)
-        dy = dy.to(tl.float32)
+        Ct = C3[:, :, None, :]
+        dy = dy2[:, None, :, None]
         if HAS_Z:
-            y = tl.sum(states * Ct[:, None, :], axis=2)
+            y = _sum_states(states * Ct)
             if HAS_D:
-                y += Dv[None, :] * u
-            z = tl.load(z_ptr + offs_t[:, None] * s_zl + offs_d[None, :] * s_zd, mask=mask_td, other=0.0)
-            z = z.to(tl.float32)
+                y += Dv * u
+            z = z2[:, None, :, None]
             sig = tl.sigmoid(z)
             dz = dy * y * sig * (1.0 + z * (1.0 - sig))  # silu'(z) = sig (1 + z (1 - sig))
-            tl.store(dz_ptr + offs_t[:, None] * s_dzl + offs_d[None, :] * s_dzd, dz.to(dz_ptr.dtype.element_ty),
-                     mask=mask_td)
+            _store_td(dz_ptr, dz, offs_t, offs_d, mask_t, mask_d, s_dzl, s_dzd)
             dy = dy * z * sig
         if HAS_D:
-            dD_acc += tl.sum(dy * u, axis=0)
+            dD_acc += tl.sum(dy * u, axis=0, keep_dims=True)
 
-        # Backwards through the chunk with k_t = a_t g_t, which needs only this chunk's decays:
-        # k_t = a_t k_{t+1} + a_t dy_t C_t and g_t = dy_t C_t + k_{t+1}, the latter from the same
-        # reverse scan as the map of the steps after t.  k_next = k at the following chunk's first step.
-        dyC = dy[:, :, None] * Ct[:, None, :]
-        prod_k, local_k, prod_kn, local_kn = tl.associative_scan((decay, decay * dyC, ones, zeros), 0,
-                                                                 _linear_combine_with_previous, reverse=True)
-        g = dyC + prod_kn * k_next[None, :, :] + local_kn
-        k = prod_k * k_next[None, :, :] + local_k
-        k_next = _pick(k, offs_local, 0)
+        # Backwards through the chunk: g_t = dy_t C_t + k_{t+1} with k_t = a_t g_t; k_next is k at the
+        # following chunk's first step.
+        g, k_next = _state_grads_in_chunk(decay, dy * Ct, k_next, local4, BLOCK_T)
 
-        dC = tl.sum(dy[:, :, None] * states, axis=1)
-        tl.atomic_add(dC_ptr + offs_t[:, None] * N + offs_n[None, :], dC, mask=mask_tn)
-        x = dt * u
-        dB = tl.sum(g * x[:, :, None], axis=1)
-        tl.atomic_add(dB_ptr + offs_t[:, None] * N + offs_n[None, :], dB, mask=mask_tn)
-        dx = tl.sum(g * Bt[:, None, :], axis=2)
-        q = k * h_prev  # = g_t a_t h_{t-1}
-        d_dt = tl.sum(q * A[None, :, :], axis=2) + dx * u
-        dA_acc += tl.sum(q * dt[:, :, None], axis=0)
+        tn_offsets = offs_t[:, None] * N + offs_n[None, :]
+        mask_tn = mask_t[:, None] & mask_n[None, :]
+        dC = tl.reshape(tl.sum(dy * states, axis=2), (BLOCK_T, N_HIGH * N_LOW))
+        # Relaxed: the sums need no ordering, and the default (acq_rel) fences every add and empties L1.
+        tl.atomic_add(dC_ptr + tn_offsets, dC, mask=mask_tn, sem="relaxed")
+        dB = tl.reshape(tl.sum(g * (dt * u), axis=2), (BLOCK_T, N_HIGH * N_LOW))
+        tl.atomic_add(dB_ptr + tn_offsets, dB, mask=mask_tn, sem="relaxed")
+        q = decay * g * h_prev  # = g_t a_t h_{t-1}
+        dA_acc += tl.sum(q * dt, axis=0, keep_dims=True)
+        dx = _sum_states(g * Bt)
+        d_dt = _sum_states(q * A) + dx * u
         du = dx * dt
         if HAS_D:
-            du += dy * Dv[None, :]
+            du += dy * Dv
         if SOFTPLUS:
             d_dt = d_dt * tl.sigmoid(raw)  # softplus' = sigmoid
-        tl.store(du_ptr + offs_t[:, None] * s_dul + offs_d[None, :] * s_dud, du.to(du_ptr.dtype.element_ty),
-                 mask=mask_td)
-        tl.store(ddelta_ptr + offs_t[:, None] * s_ddl + offs_d[None, :] * s_ddd, d_dt.to(ddelta_ptr.dtype.element_ty),
-                 mask=mask_td)
+        _store_td(du_ptr, du, offs_t, offs_d, mask_t, mask_d, s_dul, s_dud)
+        _store_td(ddelta_ptr, d_dt, offs_t, offs_d, mask_t, mask_d, s_ddl, s_ddd)
         c -= 1
     # Per-batch-row partial sums of dA and dD (summed over the batch outside: deterministic, and small).
-    tl.store(dA_ptr + b * DIM * N + offs_d[:, None] * N + offs_n[None, :], dA_acc, mask=mask_dn)
+    tl.store(dA_ptr + b * DIM * N + d4 * N + n4, dA_acc, mask=mask_dn4)
     if HAS_D:
-        tl.store(dD_ptr + b * DIM + offs_d, dD_acc, mask=mask_d)
+        tl.store(dD_ptr + b * DIM + d4, dD_acc, mask=_as_tile(mask_d, 2, N_HIGH, N_LOW))
 
 
-def launch_config(d, n, L):
-    """(BLOCK_D, BLOCK_T, num_warps) for a shape, from the tiling sweep of benchmarks/scan.py on an H100.
+def launch_config(d, n, L, batch=None):
+    """(BLOCK_D, BLOCK_T, num_warps) for a shape, from the tilings timed on an H100 (benchmarks/NOTES.md).
 
-    A tile of BLOCK_D x n x BLOCK_T near 2048 values on two warps was fastest for d_state 32: chunks of
-    4 steps up to L = 2048, of 8 steps beyond (fewer chunk-start states for the backward to keep).
+    One warp per program, chunks of 4 steps, 8 channels: the fastest at (2048, 200), (256, 512) and
+    (64, 2048) with d_inner 128 and d_state 32.  Where that gives too few programs to fill the GPU
+    (long sequences, small batches: (16, 8192)), 4 channels per program instead.
     """
+    block_d = 8 if batch is None or batch * triton.cdiv(d, 8) >= 1024 else 4
+    return block_d, min(4, triton.next_power_of_2(L)), 1
+
+
+def state_split(n):
+    """(N_HIGH, N_LOW): the states as N_HIGH in-thread values times N_LOW lanes (see the tile comment)."""
     block_n = triton.next_power_of_2(n)
-    block_t = min(4 if L <= 2048 else 8, triton.next_power_of_2(L))
-    block_d = max(1, min(triton.next_power_of_2(d), 2048 // (block_n * block_t)))
-    return block_d, block_t, 2
+    n_low = min(8, block_n)
+    return block_n // n_low, n_low
 
 
 class _TritonSelectiveScan(torch.autograd.Function):
@@ -293,7 +413,10 @@ class _TritonSelectiveScan(torch.autograd.Function):
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, config):
         batch, d, L = u.shape
         n = A.shape[1]
-        block_d, block_t, warps = config or launch_config(d, n, L)
+        block_d, block_t, warps, *max_registers = config or launch_config(d, n, L, batch)
+        # An optional register cap for the backward kernel (Triton's maxnreg): more programs per SM.
+        limits = {"maxnreg": max_registers[0]} if max_registers else {}
+        n_high, n_low = state_split(n)
         out = torch.empty((batch, d, L), device=u.device, dtype=u.dtype)
         last = torch.empty((batch, d, n), device=u.device, dtype=torch.float32) if return_last_state else out
         dummy = u  # stands in for absent optional tensors (never read: the flags are off)
@@ -306,11 +429,11 @@ class _TritonSelectiveScan(torch.autograd.Function):
             *out.stride(),
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
             SOFTPLUS=bool(delta_softplus), STORE_LAST=bool(return_last_state),
-            BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(n), BLOCK_T=block_t, num_warps=warps,
+            BLOCK_D=block_d, N_HIGH=n_high, N_LOW=n_low, BLOCK_T=block_t, num_warps=warps,
         )
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
         ctx.delta_softplus = bool(delta_softplus)
-        ctx.launch = (block_d, block_t, warps)
+        ctx.launch = (block_d, block_t, warps, limits)
         if return_last_state:
             ctx.mark_non_differentiable(last)
             return out, last
@@ -321,8 +444,8 @@ class _TritonSelectiveScan(torch.autograd.Function):
         u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
         batch, d, L = u.shape
         n = A.shape[1]
-        block_d, block_t, warps = ctx.launch
-        block_n = triton.next_power_of_2(n)
+        block_d, block_t, warps, limits = ctx.launch
+        n_high, n_low = state_split(n)
         n_chunks = triton.cdiv(L, block_t)
         d_blocks = triton.cdiv(d, block_d)
         du, ddelta = torch.empty_like(u), torch.empty_like(delta)
@@ -332,7 +455,7 @@ class _TritonSelectiveScan(torch.autograd.Function):
         dC = torch.zeros((batch, L, n), device=u.device, dtype=torch.float32)
         dA = torch.empty((batch, d, n), device=u.device, dtype=torch.float32)
         dD = torch.empty((batch, d), device=u.device, dtype=torch.float32) if D is not None else None
-        chunk_h0 = torch.empty((batch * d_blocks * n_chunks * block_d * block_n,), device=u.device,
+        chunk_h0 = torch.empty((batch * d_blocks * n_chunks * block_d * n_high * n_low,), device=u.device,
                                dtype=torch.float32)
         dummy = u
         _scan_bwd_kernel[(batch, d_blocks)](
@@ -343,7 +466,8 @@ class _TritonSelectiveScan(torch.autograd.Function):
             *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *(z if z is not None else u).stride(),
             *dout.stride(), *du.stride(), *ddelta.stride(), *(dz if dz is not None else u).stride(),
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-            SOFTPLUS=ctx.delta_softplus, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_T=block_t, num_warps=warps,
+            SOFTPLUS=ctx.delta_softplus, BLOCK_D=block_d, N_HIGH=n_high, N_LOW=n_low, BLOCK_T=block_t,
+            num_warps=warps, **limits,
         )
         ddelta_bias = ddelta.float().sum((0, 2)).to(delta_bias.dtype) if delta_bias is not None else None
         dD = dD.sum(0).to(D.dtype) if D is not None else None
