@@ -76,6 +76,13 @@ def test_launch_configs_agree(config):
     compare(make_inputs(2, 5, 4, 11), config=config)
 
 
+@pytest.mark.parametrize("scratch_bytes", [1, 600])
+def test_backward_in_batch_slices(monkeypatch, scratch_bytes):
+    """A scratch budget below the batch's: the backward runs slice by slice (1 row, then 2 + 1 rows)."""
+    monkeypatch.setattr(triton_scan, "BACKWARD_SCRATCH_BYTES", scratch_bytes)
+    compare(make_inputs(3, 5, 4, 9), config=(2, 4, 1))
+
+
 def test_small_dt_keeps_precision():
     # softplus of very negative values (dt ~ 1e-4, the smallest Mamba initialises) must not lose digits.
     x = make_inputs(2, 4, 4, 9)

@@ -18,13 +18,16 @@ The slow, obviously correct twin is :func:`recbole_mamba.nn.selective_scan.selec
 ``TRITON_INTERPRET=1``, and on a GPU compiled).
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 __all__ = ["selective_scan_triton", "launch_config"]
 
-_LOG2_E = 1.4426950408889634
+# Most memory the backward's chunk-start states may take at once (see _TritonSelectiveScan.backward).
+BACKWARD_SCRATCH_BYTES = 512 * 2**20
 
 
 @triton.jit
@@ -50,7 +53,7 @@ def _softplus(x):
 # over states is 8 in-thread additions and then 2 shuffle rounds, a sum over channels 3 rounds.  With
 # (time, channel, state) tiles the states all went on the lanes and every sum over them took 5 rounds
 # per value: the backward spent more instructions on lane shuffles than on arithmetic.
-# Inputs are loaded as 2-D/3-D tiles and expanded (see _load_td), which keeps that layout.
+# Inputs are loaded as 2-D/3-D tiles and expanded (see _raw_td), which keeps that layout.
 
 
 @triton.jit
@@ -99,25 +102,13 @@ def _state_grads_in_chunk(decay, dyC, k_next, local4, BLOCK_T: tl.constexpr):
 
 
 @triton.jit
-def _load_td(ptr, offs_t, offs_d, mask_t, mask_d, s_l, s_d):
-    """A (time, channel) input, from vectors of times and channels, as a float32 (T, 1, D, 1) tile.
-
-    Loaded as a 2-D tile and then expanded: Triton gives a load the layout that coalesces its memory
-    accesses (threads along time) and, through a reshape, would carry it to all the arithmetic that
-    uses the load; an expansion leaves the 4-D tiles their own layout.
-    """
-    return _raw_td(ptr, offs_t, offs_d, mask_t, mask_d, s_l, s_d)[:, None, :, None]
-
-
-@triton.jit
-def _load_tn(ptr, offs_t, offs_n, mask_t, mask_n, s_l, s_n, N_HIGH: tl.constexpr, N_LOW: tl.constexpr):
-    """A (time, state) input (B or C) as a float32 (T, NH, 1, NL) tile, from a 3-D load (see _load_td)."""
-    return _raw_tn(ptr, offs_t, offs_n, mask_t, mask_n, s_l, s_n, N_HIGH, N_LOW)[:, :, None, :]
-
-
-@triton.jit
 def _raw_td(ptr, offs_t, offs_d, mask_t, mask_d, s_l, s_d):
-    """A (time, channel) input as loaded: a float32 (T, D) tile."""
+    """A (time, channel) input as loaded: a float32 (T, D) tile, expanded to (T, 1, D, 1) where used.
+
+    Loading 2-D tiles and expanding them matters: Triton gives a load the layout that coalesces its
+    memory accesses (threads along time) and, had the load been 4-D or reshaped, would carry that
+    layout to all the arithmetic that uses it.
+    """
     x = tl.load(ptr + offs_t[:, None] * s_l + offs_d[None, :] * s_d, mask=mask_t[:, None] & mask_d[None, :],
                 other=0.0)
     return x.to(tl.float32)
@@ -152,14 +143,17 @@ def _as_tile(x, dim: tl.constexpr, N_HIGH: tl.constexpr, N_LOW: tl.constexpr):
 
 
 @triton.jit
-def _chunk_inputs(u_ptr, delta_ptr, B_ptr, bias, A2, offs_t, offs_d, offs_n, mask_t, mask_d, mask_n,
-                  s_ul, s_ud, s_dl, s_dd, s_bl, s_bn, SOFTPLUS: tl.constexpr, N_HIGH: tl.constexpr,
-                  N_LOW: tl.constexpr):
-    """Load the steps ``offs_t`` and return their (decay, input, ...): see _decay_and_input."""
+def _scan_loads(u_ptr, delta_ptr, B_ptr, offs_t, offs_d, offs_n, mask_t, mask_d, mask_n, s_ul, s_ud, s_dl, s_dd,
+                s_bl, s_bn, N_HIGH: tl.constexpr, N_LOW: tl.constexpr):
+    """delta and u, (T, D), and B, (T, NH, NL), at times ``offs_t``, as loaded (see _decay_and_input).
+
+    Every loop below loads a chunk's inputs one iteration ahead, so that their latency overlaps the
+    arithmetic of the chunk before.
+    """
     raw = _raw_td(delta_ptr, offs_t, offs_d, mask_t, mask_d, s_dl, s_dd)
     u = _raw_td(u_ptr, offs_t, offs_d, mask_t, mask_d, s_ul, s_ud)
     Bt = _raw_tn(B_ptr, offs_t, offs_n, mask_t, mask_n, s_bl, s_bn, N_HIGH, N_LOW)
-    return _decay_and_input(raw, u, Bt, bias, A2, mask_t, mask_d, SOFTPLUS, N_HIGH, N_LOW)
+    return raw, u, Bt
 
 
 @triton.jit
@@ -200,9 +194,8 @@ def _pass2_loads(delta_ptr, u_ptr, B_ptr, C_ptr, dout_ptr, z_ptr, offs_t, offs_d
                  s_dl, s_dd, s_ul, s_ud, s_bl, s_bn, s_cl, s_cn, s_gl, s_gd, s_zl, s_zd, HAS_Z: tl.constexpr,
                  N_HIGH: tl.constexpr, N_LOW: tl.constexpr):
     """The backward's inputs at times ``offs_t``, as loaded: (T, D) and (T, NH, NL) float32 tiles."""
-    raw = _raw_td(delta_ptr, offs_t, offs_d, mask_t, mask_d, s_dl, s_dd)
-    u = _raw_td(u_ptr, offs_t, offs_d, mask_t, mask_d, s_ul, s_ud)
-    B = _raw_tn(B_ptr, offs_t, offs_n, mask_t, mask_n, s_bl, s_bn, N_HIGH, N_LOW)
+    raw, u, B = _scan_loads(u_ptr, delta_ptr, B_ptr, offs_t, offs_d, offs_n, mask_t, mask_d, mask_n, s_ul, s_ud, s_dl,
+                            s_dd, s_bl, s_bn, N_HIGH, N_LOW)
     C = _raw_tn(C_ptr, offs_t, offs_n, mask_t, mask_n, s_cl, s_cn, N_HIGH, N_LOW)
     dy = _raw_td(dout_ptr, offs_t, offs_d, mask_t, mask_d, s_gl, s_gd)
     z = _raw_td(z_ptr, offs_t, offs_d, mask_t, mask_d, s_zl, s_zd) if HAS_Z else dy
@@ -234,21 +227,32 @@ def _scan_fwd_kernel(
     z_ptr += b * s_zb
     out_ptr += b * s_ob
     h = tl.zeros([1, N_HIGH, BLOCK_D, N_LOW], tl.float32)
+    offs_t = offs_local
+    mask_t = offs_t < L
+    n_raw, n_u, n_B = _scan_loads(u_ptr, delta_ptr, B_ptr, offs_t, offs_d, offs_n, mask_t, mask_d, mask_n, s_ul, s_ud,
+                                  s_dl, s_dd, s_bl, s_bn, N_HIGH, N_LOW)
+    n_C = _raw_tn(C_ptr, offs_t, offs_n, mask_t, mask_n, s_cl, s_cn, N_HIGH, N_LOW)
+    n_z = _raw_td(z_ptr, offs_t, offs_d, mask_t, mask_d, s_zl, s_zd) if HAS_Z else n_u
     t0 = 0
     while t0 < L:  # (a while loop: Triton's interpreter cannot range() over a runtime length with numpy 2)
         offs_t = t0 + offs_local
         mask_t = offs_t < L
-        decay, inp, dt, raw, u, Bt = _chunk_inputs(u_ptr, delta_ptr, B_ptr, bias, A2, offs_t, offs_d, offs_n, mask_t,
-                                                   mask_d, mask_n, s_ul, s_ud, s_dl, s_dd, s_bl, s_bn, SOFTPLUS,
-                                                   N_HIGH, N_LOW)
+        raw2, u2, B3, C3, z2 = n_raw, n_u, n_B, n_C, n_z
+        offs_next = offs_t + BLOCK_T
+        mask_next = offs_next < L
+        n_raw, n_u, n_B = _scan_loads(u_ptr, delta_ptr, B_ptr, offs_next, offs_d, offs_n, mask_next, mask_d, mask_n,
+                                      s_ul, s_ud, s_dl, s_dd, s_bl, s_bn, N_HIGH, N_LOW)
+        n_C = _raw_tn(C_ptr, offs_next, offs_n, mask_next, mask_n, s_cl, s_cn, N_HIGH, N_LOW)
+        n_z = _raw_td(z_ptr, offs_next, offs_d, mask_next, mask_d, s_zl, s_zd) if HAS_Z else n_u
+        decay, inp, dt, raw, u, Bt = _decay_and_input(raw2, u2, B3, bias, A2, mask_t, mask_d, SOFTPLUS, N_HIGH,
+                                                      N_LOW)
         decay_prod, local = tl.associative_scan((decay, inp), 0, _linear_combine)
         states = decay_prod * h + local
-        Ct = _load_tn(C_ptr, offs_t, offs_n, mask_t, mask_n, s_cl, s_cn, N_HIGH, N_LOW)
-        y = _sum_states(states * Ct)
+        y = _sum_states(states * C3[:, :, None, :])
         if HAS_D:
             y += Dv * u
         if HAS_Z:
-            z = _load_td(z_ptr, offs_t, offs_d, mask_t, mask_d, s_zl, s_zd)
+            z = z2[:, None, :, None]
             y *= z * tl.sigmoid(z)
         _store_td(out_ptr, y, offs_t, offs_d, mask_t, mask_d, s_ol, s_od)
         # Padding steps are the identity, so the chunk's last slot holds the state after its last real step.
@@ -305,14 +309,19 @@ def _scan_bwd_kernel(
 
     # Pass 1: re-run the forward, keeping only the state before each chunk.
     h = tl.zeros([1, N_HIGH, BLOCK_D, N_LOW], tl.float32)
+    offs_t = offs_local
+    n_raw, n_u, n_B = _scan_loads(u_ptr, delta_ptr, B_ptr, offs_t, offs_d, offs_n, offs_t < L, mask_d, mask_n, s_ul,
+                                  s_ud, s_dl, s_dd, s_bl, s_bn, N_HIGH, N_LOW)
     c = 0
     while c < N_CHUNKS:
         offs_t = c * BLOCK_T + offs_local
         mask_t = offs_t < L
         tl.store(chunk_h0_ptr + c * tile_size + tile_index, h)
-        decay, inp, dt, raw, u, Bt = _chunk_inputs(u_ptr, delta_ptr, B_ptr, bias, A2, offs_t, offs_d, offs_n, mask_t,
-                                                   mask_d, mask_n, s_ul, s_ud, s_dl, s_dd, s_bl, s_bn, SOFTPLUS,
-                                                   N_HIGH, N_LOW)
+        raw2, u2, B3 = n_raw, n_u, n_B
+        n_raw, n_u, n_B = _scan_loads(u_ptr, delta_ptr, B_ptr, offs_t + BLOCK_T, offs_d, offs_n, offs_t + BLOCK_T < L,
+                                      mask_d, mask_n, s_ul, s_ud, s_dl, s_dd, s_bl, s_bn, N_HIGH, N_LOW)
+        decay, inp, dt, raw, u, Bt = _decay_and_input(raw2, u2, B3, bias, A2, mask_t, mask_d, SOFTPLUS, N_HIGH,
+                                                      N_LOW)
         decay_prod, local = tl.associative_scan((decay, inp), 0, _linear_combine)
         h = _pick(decay_prod * h + local, local4, BLOCK_T - 1)
         c += 1
@@ -408,6 +417,11 @@ def state_split(n):
     return block_n // n_low, n_low
 
 
+def _batch_rows(t, part, absent):
+    """Rows ``part`` of a per-batch-row tensor; ``absent``'s stand in for a missing one (never read)."""
+    return (t if t is not None else absent)[part]
+
+
 class _TritonSelectiveScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, config):
@@ -455,20 +469,27 @@ class _TritonSelectiveScan(torch.autograd.Function):
         dC = torch.zeros((batch, L, n), device=u.device, dtype=torch.float32)
         dA = torch.empty((batch, d, n), device=u.device, dtype=torch.float32)
         dD = torch.empty((batch, d), device=u.device, dtype=torch.float32) if D is not None else None
-        chunk_h0 = torch.empty((batch * d_blocks * n_chunks * block_d * n_high * n_low,), device=u.device,
-                               dtype=torch.float32)
-        dummy = u
-        _scan_bwd_kernel[(batch, d_blocks)](
-            u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
-            delta_bias if delta_bias is not None else dummy, dout,
-            du, ddelta, dz if dz is not None else dummy, dB, dC, dA, dD if dD is not None else dummy, chunk_h0,
-            L, d, n, n_chunks,
-            *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *(z if z is not None else u).stride(),
-            *dout.stride(), *du.stride(), *ddelta.stride(), *(dz if dz is not None else u).stride(),
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-            SOFTPLUS=ctx.delta_softplus, BLOCK_D=block_d, N_HIGH=n_high, N_LOW=n_low, BLOCK_T=block_t,
-            num_warps=warps, **limits,
-        )
+        # The chunk-start states (d_blocks x n_chunks tiles per batch row) are scratch that grows with
+        # batch x L: the kernel runs over slices of the batch that share one buffer of at most
+        # BACKWARD_SCRATCH_BYTES, each slice still thousands of programs.
+        row_floats = d_blocks * n_chunks * block_d * n_high * n_low
+        rows = max(1, min(batch, BACKWARD_SCRATCH_BYTES // (4 * row_floats)))
+        chunk_h0 = torch.empty((rows * row_floats,), device=u.device, dtype=torch.float32)
+        for start in range(0, batch, rows):
+            part = slice(start, start + rows)
+            rows_of = functools.partial(_batch_rows, part=part, absent=u)
+            z_part, dz_part = rows_of(z), rows_of(dz)
+            _scan_bwd_kernel[(rows_of(u).shape[0], d_blocks)](
+                rows_of(u), rows_of(delta), A, rows_of(B), rows_of(C), D if D is not None else u, z_part,
+                delta_bias if delta_bias is not None else u, rows_of(dout),
+                rows_of(du), rows_of(ddelta), dz_part, rows_of(dB), rows_of(dC), rows_of(dA), rows_of(dD), chunk_h0,
+                L, d, n, n_chunks,
+                *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *z_part.stride(),
+                *dout.stride(), *du.stride(), *ddelta.stride(), *dz_part.stride(),
+                HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+                SOFTPLUS=ctx.delta_softplus, BLOCK_D=block_d, N_HIGH=n_high, N_LOW=n_low, BLOCK_T=block_t,
+                num_warps=warps, **limits,
+            )
         ddelta_bias = ddelta.float().sum((0, 2)).to(delta_bias.dtype) if delta_bias is not None else None
         dD = dD.sum(0).to(D.dtype) if D is not None else None
         return (du, ddelta, dA.sum(0).to(A.dtype), dB.transpose(1, 2).to(B.dtype), dC.transpose(1, 2).to(C.dtype), dD, dz, ddelta_bias,
