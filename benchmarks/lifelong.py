@@ -62,14 +62,14 @@ FULL = {
     "lengths": [512, 2048, 8192, 16384], "tokens_per_batch": 65536, "hidden_size": 64, "num_layers": 2,
     "gen_users": 128, "gen_items": 5000, "gen_mean_length": 20000, "ml1m_length": 2048,
     "accuracy_length": 2048, "accuracy_epochs": 30, "warmup_batches": 3, "loss_type": "CE",
-    "profile_length": 2048, "profile_steps": 10,
+    "profile_length": 2048, "profile_steps": 10, "scan_kernel": "auto",
 }
 # A CPU smoke test of the code: tiny data and model; its numbers mean nothing.
 SMOKE = {
     "lengths": [16, 64], "tokens_per_batch": 256, "hidden_size": 16, "num_layers": 1,
     "gen_users": 6, "gen_items": 80, "gen_mean_length": 150, "ml1m_length": 0,
     "accuracy_length": 64, "accuracy_epochs": 1, "warmup_batches": 1, "max_batches": 2, "loss_type": "CE",
-    "profile_length": 16, "profile_steps": 2,
+    "profile_length": 16, "profile_steps": 2, "scan_kernel": "auto",
 }
 
 
@@ -92,7 +92,8 @@ def model_settings(args, data_name, length):
         "data_path": data_path, "MAX_ITEM_LIST_LENGTH": length, "hidden_size": args.hidden_size,
         "num_layers": args.num_layers, "train_batch_size": max(1, args.tokens_per_batch // length),
         "eval_batch_size": max(1, args.tokens_per_batch // length), "show_progress": False, "worker": 0,
-        "mamba_backend": "auto" if ON_GPU else "torch", "log_wandb": False, "loss_type": args.loss_type,
+        "mamba_backend": "auto" if ON_GPU else "torch", "scan_kernel": args.scan_kernel, "log_wandb": False,
+        "loss_type": args.loss_type,
         # Keep every interaction of the generated data (its items are all used by many users).
         **({"user_inter_num_interval": "[0,inf)", "item_inter_num_interval": "[0,inf)"} if args.smoke else {}),
     }
