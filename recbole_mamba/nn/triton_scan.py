@@ -190,6 +190,20 @@ def _channel_params(A_ptr, bias_ptr, D_ptr, offs_d, offs_n, mask_d, mask_n, N, H
 
 
 @triton.jit
+def _program_setup(A_ptr, bias_ptr, D_ptr, DIM, N, HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr,
+                   BLOCK_D: tl.constexpr, N_HIGH: tl.constexpr, N_LOW: tl.constexpr, BLOCK_T: tl.constexpr):
+    """This program's channels, states and chunk steps (vectors, and the steps as a tile), their masks,
+    and its channels' parameters (see _channel_params)."""
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, N_HIGH * N_LOW)
+    offs_local = tl.arange(0, BLOCK_T)
+    mask_d, mask_n = offs_d < DIM, offs_n < N
+    A, A2, bias, Dv = _channel_params(A_ptr, bias_ptr, D_ptr, offs_d, offs_n, mask_d, mask_n, N, HAS_BIAS, HAS_D,
+                                      N_HIGH, N_LOW)
+    return offs_d, offs_n, offs_local, _as_tile(offs_local, 0, N_HIGH, N_LOW), mask_d, mask_n, A, A2, bias, Dv
+
+
+@triton.jit
 def _pass2_loads(delta_ptr, u_ptr, B_ptr, C_ptr, dout_ptr, z_ptr, offs_t, offs_d, offs_n, mask_t, mask_d, mask_n,
                  s_dl, s_dd, s_ul, s_ud, s_bl, s_bn, s_cl, s_cn, s_gl, s_gd, s_zl, s_zd, HAS_Z: tl.constexpr,
                  N_HIGH: tl.constexpr, N_LOW: tl.constexpr):
@@ -213,13 +227,8 @@ def _scan_fwd_kernel(
     BLOCK_T: tl.constexpr,
 ):
     b = tl.program_id(0)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, N_HIGH * N_LOW)
-    offs_local = tl.arange(0, BLOCK_T)
-    mask_d, mask_n = offs_d < DIM, offs_n < N
-    A, A2, bias, Dv = _channel_params(A_ptr, bias_ptr, D_ptr, offs_d, offs_n, mask_d, mask_n, N, HAS_BIAS, HAS_D,
-                                      N_HIGH, N_LOW)
-    local4 = _as_tile(offs_local, 0, N_HIGH, N_LOW)
+    offs_d, offs_n, offs_local, local4, mask_d, mask_n, A, A2, bias, Dv = _program_setup(
+        A_ptr, bias_ptr, D_ptr, DIM, N, HAS_BIAS, HAS_D, BLOCK_D, N_HIGH, N_LOW, BLOCK_T)
     u_ptr += b * s_ub
     delta_ptr += b * s_db
     B_ptr += b * s_bb
@@ -281,13 +290,8 @@ def _scan_bwd_kernel(
     #   du_t = dx_t dt_t + dy_t D
     b = tl.program_id(0)
     pid_d = tl.program_id(1)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, N_HIGH * N_LOW)
-    offs_local = tl.arange(0, BLOCK_T)
-    mask_d, mask_n = offs_d < DIM, offs_n < N
-    A, A2, bias, Dv = _channel_params(A_ptr, bias_ptr, D_ptr, offs_d, offs_n, mask_d, mask_n, N, HAS_BIAS, HAS_D,
-                                      N_HIGH, N_LOW)
-    local4 = _as_tile(offs_local, 0, N_HIGH, N_LOW)
+    offs_d, offs_n, offs_local, local4, mask_d, mask_n, A, A2, bias, Dv = _program_setup(
+        A_ptr, bias_ptr, D_ptr, DIM, N, HAS_BIAS, HAS_D, BLOCK_D, N_HIGH, N_LOW, BLOCK_T)
     d4, n4 = _as_tile(offs_d, 2, N_HIGH, N_LOW), _as_tile(offs_n, 1, N_HIGH, N_LOW)
     mask_dn4 = _as_tile(mask_d, 2, N_HIGH, N_LOW) & _as_tile(mask_n, 1, N_HIGH, N_LOW)
     u_ptr += b * s_ub
@@ -349,7 +353,8 @@ def _scan_bwd_kernel(
                                                        offs_n, offs_p >= 0, mask_d, mask_n, s_dl, s_dd, s_ul, s_ud,
                                                        s_bl, s_bn, s_cl, s_cn, s_gl, s_gd, s_zl, s_zd, HAS_Z, N_HIGH,
                                                        N_LOW)
-        n_h0 = tl.load(chunk_h0_ptr + (c - 1) * tile_size + tile_index, mask=(tile_index >= 0) & (c > 0), other=0.0)
+        offs_h0 = (c - 1) * tile_size + tile_index  # negative for c = 0: nothing before the first chunk
+        n_h0 = tl.load(chunk_h0_ptr + offs_h0, mask=offs_h0 >= 0, other=0.0)
         decay, inp, dt, raw, u, Bt = _decay_and_input(raw2, u2, B3, bias, A2, mask_t, mask_d, SOFTPLUS, N_HIGH,
                                                       N_LOW)
         # h_t and h_{t-1} for every step of the chunk.  (Recovering h_{t-1} as (h_t - input_t) / decay_t
