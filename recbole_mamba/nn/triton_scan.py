@@ -58,7 +58,7 @@ def _softplus(x):
 
 @triton.jit
 def _sum_states(x):
-    """(T, NH, D, NL) -> (T, 1, D, 1): in-thread over the high part, then across the lanes."""
+    """(T, NH, D, NL) -> (T, 1, D, 1): first over state_low (inside each thread, as compiled), then state_high."""
     return tl.sum(tl.sum(x, axis=3, keep_dims=True), axis=1, keep_dims=True)
 
 
@@ -508,7 +508,7 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     Inputs may be float32, float16 or bfloat16 and non-contiguous along any axis (strides are
     passed to the kernels); the arithmetic is float32 and the output has u's dtype. A must be real
     (d, n) and B, C (batch, n, L). ``config`` = (BLOCK_D, BLOCK_T, num_warps) overrides
-    :func:`launch_config` (for benchmarks). With ``return_last_state`` returns
+    :func:`launch_config` (for benchmarks); a fourth value caps the backward kernel's registers. With ``return_last_state`` returns
     ``(out, last_state)``, last_state (batch, d, n) float32, not differentiated.
     """
     if A.is_complex() or B.dim() != 3 or C.dim() != 3:
