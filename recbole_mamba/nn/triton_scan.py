@@ -31,12 +31,6 @@ BACKWARD_SCRATCH_BYTES = 512 * 2**20
 
 
 @triton.jit
-def _linear_combine(a_left, b_left, a_right, b_right):
-    # Two steps h -> a*h + b, the left one first: h -> a_r * (a_l * h + b_l) + b_r.
-    return a_left * a_right, a_right * b_left + b_right
-
-
-@triton.jit
 def _softplus(x):
     # log1p(exp(x)) without losing digits for very negative x (small dt), as mamba-ssm's log1pf:
     # log1p(e) = log(1 + e) * e / ((1 + e) - 1) corrects the rounding of 1 + e.
@@ -204,6 +198,18 @@ def _program_setup(A_ptr, bias_ptr, D_ptr, DIM, N, HAS_BIAS: tl.constexpr, HAS_D
 
 
 @triton.jit
+def _forward_loads(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, offs_t, offs_d, offs_n, mask_t, mask_d, mask_n, s_ul, s_ud,
+                   s_dl, s_dd, s_bl, s_bn, s_cl, s_cn, s_zl, s_zd, HAS_Z: tl.constexpr, N_HIGH: tl.constexpr,
+                   N_LOW: tl.constexpr):
+    """The forward's inputs at times ``offs_t``, as loaded: (T, D) and (T, NH, NL) float32 tiles."""
+    raw, u, B = _scan_loads(u_ptr, delta_ptr, B_ptr, offs_t, offs_d, offs_n, mask_t, mask_d, mask_n, s_ul, s_ud, s_dl,
+                            s_dd, s_bl, s_bn, N_HIGH, N_LOW)
+    C = _raw_tn(C_ptr, offs_t, offs_n, mask_t, mask_n, s_cl, s_cn, N_HIGH, N_LOW)
+    z = _raw_td(z_ptr, offs_t, offs_d, mask_t, mask_d, s_zl, s_zd) if HAS_Z else u
+    return raw, u, B, C, z
+
+
+@triton.jit
 def _pass2_loads(delta_ptr, u_ptr, B_ptr, C_ptr, dout_ptr, z_ptr, offs_t, offs_d, offs_n, mask_t, mask_d, mask_n,
                  s_dl, s_dd, s_ul, s_ud, s_bl, s_bn, s_cl, s_cn, s_gl, s_gd, s_zl, s_zd, HAS_Z: tl.constexpr,
                  N_HIGH: tl.constexpr, N_LOW: tl.constexpr):
@@ -238,10 +244,9 @@ def _scan_fwd_kernel(
     h = tl.zeros([1, N_HIGH, BLOCK_D, N_LOW], tl.float32)
     offs_t = offs_local
     mask_t = offs_t < L
-    n_raw, n_u, n_B = _scan_loads(u_ptr, delta_ptr, B_ptr, offs_t, offs_d, offs_n, mask_t, mask_d, mask_n, s_ul, s_ud,
-                                  s_dl, s_dd, s_bl, s_bn, N_HIGH, N_LOW)
-    n_C = _raw_tn(C_ptr, offs_t, offs_n, mask_t, mask_n, s_cl, s_cn, N_HIGH, N_LOW)
-    n_z = _raw_td(z_ptr, offs_t, offs_d, mask_t, mask_d, s_zl, s_zd) if HAS_Z else n_u
+    n_raw, n_u, n_B, n_C, n_z = _forward_loads(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, offs_t, offs_d, offs_n, mask_t,
+                                               mask_d, mask_n, s_ul, s_ud, s_dl, s_dd, s_bl, s_bn, s_cl, s_cn, s_zl,
+                                               s_zd, HAS_Z, N_HIGH, N_LOW)
     t0 = 0
     while t0 < L:  # (a while loop: Triton's interpreter cannot range() over a runtime length with numpy 2)
         offs_t = t0 + offs_local
@@ -249,14 +254,12 @@ def _scan_fwd_kernel(
         raw2, u2, B3, C3, z2 = n_raw, n_u, n_B, n_C, n_z
         offs_next = offs_t + BLOCK_T
         mask_next = offs_next < L
-        n_raw, n_u, n_B = _scan_loads(u_ptr, delta_ptr, B_ptr, offs_next, offs_d, offs_n, mask_next, mask_d, mask_n,
-                                      s_ul, s_ud, s_dl, s_dd, s_bl, s_bn, N_HIGH, N_LOW)
-        n_C = _raw_tn(C_ptr, offs_next, offs_n, mask_next, mask_n, s_cl, s_cn, N_HIGH, N_LOW)
-        n_z = _raw_td(z_ptr, offs_next, offs_d, mask_next, mask_d, s_zl, s_zd) if HAS_Z else n_u
+        n_raw, n_u, n_B, n_C, n_z = _forward_loads(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, offs_next, offs_d, offs_n,
+                                                   mask_next, mask_d, mask_n, s_ul, s_ud, s_dl, s_dd, s_bl, s_bn, s_cl,
+                                                   s_cn, s_zl, s_zd, HAS_Z, N_HIGH, N_LOW)
         decay, inp, dt, raw, u, Bt = _decay_and_input(raw2, u2, B3, bias, A2, mask_t, mask_d, SOFTPLUS, N_HIGH,
                                                       N_LOW)
-        decay_prod, local = tl.associative_scan((decay, inp), 0, _linear_combine)
-        states = decay_prod * h + local
+        states, _ = _states_in_chunk(decay, inp, h, local4, BLOCK_T)
         y = _sum_states(states * C3[:, :, None, :])
         if HAS_D:
             y += Dv * u
@@ -326,8 +329,8 @@ def _scan_bwd_kernel(
                                       mask_d, mask_n, s_ul, s_ud, s_dl, s_dd, s_bl, s_bn, N_HIGH, N_LOW)
         decay, inp, dt, raw, u, Bt = _decay_and_input(raw2, u2, B3, bias, A2, mask_t, mask_d, SOFTPLUS, N_HIGH,
                                                       N_LOW)
-        decay_prod, local = tl.associative_scan((decay, inp), 0, _linear_combine)
-        h = _pick(decay_prod * h + local, local4, BLOCK_T - 1)
+        states, _ = _states_in_chunk(decay, inp, h, local4, BLOCK_T)
+        h = _pick(states, local4, BLOCK_T - 1)
         c += 1
     # Pass 2 may read a chunk state that another thread of this program wrote.
     tl.debug_barrier()
@@ -508,8 +511,9 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     Inputs may be float32, float16 or bfloat16 and non-contiguous along any axis (strides are
     passed to the kernels); the arithmetic is float32 and the output has u's dtype. A must be real
     (d, n) and B, C (batch, n, L). ``config`` = (BLOCK_D, BLOCK_T, num_warps) overrides
-    :func:`launch_config` (for benchmarks); a fourth value caps the backward kernel's registers. With ``return_last_state`` returns
-    ``(out, last_state)``, last_state (batch, d, n) float32, not differentiated.
+    :func:`launch_config` (for benchmarks); a fourth value caps the backward kernel's registers.
+    With ``return_last_state`` returns ``(out, last_state)``, last_state (batch, d, n) float32, not
+    differentiated.
     """
     if A.is_complex() or B.dim() != 3 or C.dim() != 3:
         raise NotImplementedError("selective_scan_triton: needs real A and B, C of shape (batch, n, L)")
