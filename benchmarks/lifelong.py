@@ -52,6 +52,7 @@ import _report  # noqa: E402
 from recbole_mamba.config import Config  # noqa: E402
 from recbole_mamba.data.generated import write_lifelong_dataset  # noqa: E402
 from recbole_mamba.data.loading import load_dataset, prepare_dataloaders  # noqa: E402
+from recbole_mamba.data.prefetch import BatchPrefetcher  # noqa: E402
 from recbole_mamba.quick_start import count_trainable_parameters, create_config  # noqa: E402
 
 NAME = "lifelong"
@@ -144,17 +145,18 @@ def time_training(model, loader, warmup, max_batches, time_limit, bf16=False):
     def step(batch):
         return train_step(model, optimizer, batch, bf16)
 
-    stream = batches(loader)
+    # As the plugin's Trainer does on a GPU: the next batches are built while the GPU trains.
+    stream = batches(BatchPrefetcher(loader, torch.device(DEVICE)))
     for batch in itertools.islice(stream, max(warmup, len(loader))):
         step(batch)
     if ON_GPU:
         torch.cuda.reset_peak_memory_stats()
     epoch_batches = len(loader)
     limit = min(epoch_batches, max_batches or epoch_batches)
-    timed, tokens = 0, 0
+    timed, tokens = 0, 0  # tokens: summed on the device (reading it per batch would wait for the GPU)
     start = synchronized_time()
     for batch in itertools.islice(stream, limit):
-        tokens += int(batch[length_field].sum())
+        tokens = tokens + batch[length_field].sum()
         loss = step(batch)
         timed += 1
         if time_limit and time.perf_counter() - start > time_limit:
@@ -163,7 +165,7 @@ def time_training(model, loader, warmup, max_batches, time_limit, bf16=False):
     return {
         "timed_batches": timed, "epoch_batches": epoch_batches, "timed_s": seconds,
         "epoch_s": seconds / timed * epoch_batches, "extrapolated": timed < epoch_batches,
-        "tokens_per_s": tokens / seconds, "loss": float(loss),
+        "tokens_per_s": int(tokens) / seconds, "loss": float(loss),
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if ON_GPU else 0.0,
     }
 

@@ -223,6 +223,12 @@ class Config(RecBoleConfig):
                     f"got {length!r}."
                 )
         amp_dtype(self)  # raises on a dtype autocast cannot use
+        prefetch = self.final_config_dict.get("prefetch_batches")
+        if prefetch is not None and (not _is_int(prefetch) or prefetch < 0):
+            raise UserInputError(
+                f"prefetch_batches must be an integer >= 0 (training batches built ahead on a CUDA "
+                f"device; 0 builds each one when it is needed), got {prefetch!r}."
+            )
         self._check_train_mode()
         self._check_sequence_storage()
         check = getattr(self.model_class, "check_config", None)

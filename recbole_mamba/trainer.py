@@ -26,7 +26,9 @@ waits for the GPU per batch, during which it cannot queue the next kernels. For 
 (all-position training) the GPU then idles while Python launches the backward pass. The plugin's loop
 adds the losses up on the device and checks for NaN every ``nan_check_every`` batches (and at the end of
 the epoch), with RecBole's error; everything else (order of operations, gradient clipping, loss
-scaling, the returned epoch loss) is RecBole's.
+scaling, the returned epoch loss) is RecBole's. On a CUDA device it also builds the next
+``prefetch_batches`` batches in a background thread while the GPU trains on the current one
+(:mod:`recbole_mamba.data.prefetch`).
 
 RecBole's model-specific trainers (pre-training, knowledge graphs, ...) are used as they are; they
 resume as RecBole does.
@@ -47,6 +49,7 @@ from tqdm import tqdm
 
 from recbole_mamba import compat
 from recbole_mamba.checkpoint import CheckpointError, load_checkpoint
+from recbole_mamba.data.prefetch import BatchPrefetcher
 from recbole_mamba.errors import UserInputError
 
 AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -209,9 +212,13 @@ class SyncFreeTrainLoop:
             return super()._train_epoch(train_data, epoch_idx, loss_func, show_progress)
         self.model.train()
         loss_func = loss_func or self.model.calculate_loss
+        batches = train_data
+        depth = self.config["prefetch_batches"] if "prefetch_batches" in self.config else None
+        if depth and self.device.type == "cuda":
+            batches = BatchPrefetcher(train_data, self.device, depth)
         iter_data = (
-            tqdm(train_data, total=len(train_data), ncols=100, desc=set_color(f"Train {epoch_idx:>5}", "pink"))
-            if show_progress else train_data
+            tqdm(batches, total=len(train_data), ncols=100, desc=set_color(f"Train {epoch_idx:>5}", "pink"))
+            if show_progress else batches
         )
         scaler = torch.amp.GradScaler(enabled=self.enable_scaler)
         total, parts = None, None  # sums on the device: the loss, and each part of a tuple loss
