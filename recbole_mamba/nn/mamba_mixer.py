@@ -170,8 +170,10 @@ class MambaMixer(nn.Module):
     def _forward_unfused(self, hidden_states, scan):
         """in_proj -> causal conv -> ``scan`` (selective_scan_fn's arguments) -> out_proj, step by step."""
         length = hidden_states.shape[1]
-        xz = self.in_proj(hidden_states).transpose(1, 2)  # (b, 2 * d_inner, l)
-        x, z = xz.chunk(2, dim=1)
+        # Split along the last axis and transpose the halves (not the other way round): the gradient
+        # of the split is then (b, l, 2 * d_inner) with channels contiguous, as in_proj's backward
+        # needs it, instead of a transposed tensor that would be copied.
+        x, z = (half.transpose(1, 2) for half in self.in_proj(hidden_states).chunk(2, dim=-1))  # (b, d_inner, l)
         conv_fn = self._kernels and self._kernels["causal_conv1d_fn"]
         if conv_fn is not None and x.is_cuda:
             # causal-conv1d's fused convolution + SiLU, float32 weights, output in x's dtype.

@@ -430,6 +430,12 @@ def _batch_rows(t, part, absent):
     return (t if t is not None else absent)[part]
 
 
+def _channels_last(batch, d, L, like):
+    """An empty (batch, d, L) tensor stored as (batch, L, d): what a Mamba block's out_proj reads
+    (y.transpose(1, 2)) and in_proj's backward writes, so neither needs a copy."""
+    return torch.empty((batch, L, d), device=like.device, dtype=like.dtype).transpose(1, 2)
+
+
 class _TritonSelectiveScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, config):
@@ -439,7 +445,7 @@ class _TritonSelectiveScan(torch.autograd.Function):
         # An optional register cap for the backward kernel (Triton's maxnreg): more programs per SM.
         limits = {"maxnreg": max_registers[0]} if max_registers else {}
         n_high, n_low = state_split(n)
-        out = torch.empty((batch, d, L), device=u.device, dtype=u.dtype)
+        out = _channels_last(batch, d, L, u)
         last = torch.empty((batch, d, n), device=u.device, dtype=torch.float32) if return_last_state else out
         dummy = u  # stands in for absent optional tensors (never read: the flags are off)
         grid = (batch, triton.cdiv(d, block_d))
@@ -471,7 +477,7 @@ class _TritonSelectiveScan(torch.autograd.Function):
         n_chunks = triton.cdiv(L, block_t)
         d_blocks = triton.cdiv(d, block_d)
         du, ddelta = torch.empty_like(u), torch.empty_like(delta)
-        dz = torch.empty_like(z) if z is not None else None
+        dz = _channels_last(batch, d, L, z) if z is not None else None
         # (batch, L, n), returned as (batch, n, L) views: the kernel adds a time step's n values at once.
         dB = torch.zeros((batch, L, n), device=u.device, dtype=torch.float32)
         dC = torch.zeros((batch, L, n), device=u.device, dtype=torch.float32)
