@@ -21,6 +21,8 @@ from torch import nn
 
 from recbole_mamba.errors import UserInputError
 from recbole_mamba.model.all_positions import AllPositionLosses
+from recbole_mamba.nn.embedding import embedding_lookup
+from recbole_mamba.nn.fused import dropout_add_layer_norm, gelu_dropout
 from recbole_mamba.nn.mamba_mixer import MambaMixer, check_scan_kernel, resolve_backend
 
 
@@ -105,14 +107,14 @@ class Mamba4Rec(AllPositionLosses, SequentialRecommender):
         # host-device sync); in evaluation that wait is small against the columns saved.
         if not item_seq.is_cuda or not self.training:
             item_seq = item_seq[:, : int(item_seq_len.max())]
-        hidden = self.LayerNorm(self.dropout(self.embed(item_seq)))
+        hidden = dropout_add_layer_norm(self.embed(item_seq), None, self.dropout, self.LayerNorm)
         for layer in self.mamba_layers:
             hidden = layer(hidden)
         return hidden
 
     def embed(self, item_seq):
         """The input of the first layer (before dropout and LayerNorm): the item embeddings."""
-        return self.item_embedding(item_seq)
+        return embedding_lookup(item_seq, self.item_embedding)
 
     def forward(self, item_seq, item_seq_len):
         """The hidden state at each sequence's last real item (position item_seq_len - 1)."""
@@ -161,10 +163,9 @@ class MambaLayer(nn.Module):
         self.ffn = FeedForward(d_model, inner_size=4 * d_model, dropout=dropout) if ffn else nn.Identity()
 
     def forward(self, input_tensor):
-        hidden = self.dropout(self.mamba(input_tensor))
-        if self.residual:  # the paper drops the residual around a single layer
-            hidden = hidden + input_tensor
-        return self.ffn(self.LayerNorm(hidden))
+        # The paper drops the residual around a single layer.
+        residual = input_tensor if self.residual else None
+        return self.ffn(dropout_add_layer_norm(self.mamba(input_tensor), residual, self.dropout, self.LayerNorm))
 
 
 class FeedForward(nn.Module):
@@ -174,12 +175,10 @@ class FeedForward(nn.Module):
         super().__init__()
         self.w_1 = nn.Linear(d_model, inner_size)
         self.w_2 = nn.Linear(inner_size, d_model)
-        self.activation = nn.GELU()
         self.dropout = nn.Dropout(dropout)
         self.LayerNorm = nn.LayerNorm(d_model, eps=1e-12)
 
     def forward(self, input_tensor):
-        hidden = self.dropout(self.activation(self.w_1(input_tensor)))
-        hidden = self.dropout(self.w_2(hidden))
-        return self.LayerNorm(hidden + input_tensor)
+        hidden = gelu_dropout(self.w_1(input_tensor), self.dropout)
+        return dropout_add_layer_norm(self.w_2(hidden), input_tensor, self.dropout, self.LayerNorm)
 

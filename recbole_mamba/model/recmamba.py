@@ -22,6 +22,7 @@ from torch import nn
 
 from recbole_mamba.errors import UserInputError
 from recbole_mamba.model.mamba4rec import Mamba4Rec
+from recbole_mamba.nn.embedding import embedding_lookup
 
 
 class RecMamba(Mamba4Rec):
@@ -56,7 +57,7 @@ class RecMamba(Mamba4Rec):
             )
 
     def embed(self, item_seq):
-        hidden = self.item_embedding(item_seq) * self.embedding_scale
+        hidden = embedding_lookup(item_seq, self.item_embedding) * self.embedding_scale
         if self.position_embedding is not None:
             # Sequences are right-padded, so position p is the (p+1)-th item of every sequence.
             positions = torch.arange(item_seq.size(1), device=item_seq.device)
