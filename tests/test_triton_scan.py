@@ -76,11 +76,32 @@ def test_launch_configs_agree(config):
     compare(make_inputs(2, 5, 4, 11), config=config)
 
 
+@pytest.mark.parametrize("config,D,z", [((2, 4, 1, 3), True, True), ((4, 2, 1, 5), False, False),
+                                        ((8, 1, 1, 37), True, True)])
+def test_time_segments_agree(config, D, z):
+    """A sequence split into segments (uneven ones, one step each) gives the same scan, last state included."""
+    x = make_inputs(2, 5, 4, 37, D=D, z=z)
+    compare(x, config=config)
+    args = {k: v.to(DEVICE) if v is not None else None for k, v in x.items()}
+    _, last = triton_scan.selective_scan_triton(**args, delta_softplus=True, return_last_state=True, config=config)
+    _, last_ref = selective_scan_reference(**{k: v.double() if v is not None else None for k, v in args.items()},
+                                           delta_softplus=True, return_last_state=True)
+    assert rel_err(last, last_ref) < TOL
+
+
+def test_long_sequences_in_small_batches_get_segments():
+    assert triton_scan.launch_config(128, 32, 200, 2048) == (8, 4, 1, 1)
+    block_d, _, _, segments = triton_scan.launch_config(128, 32, 8192, 16)
+    assert segments > 1 and 16 * (128 // block_d) * segments >= triton_scan.TARGET_PROGRAMS
+    assert triton_scan.launch_config(128, 32, 7, 2) == (4, 4, 1, 1)  # too short to split
+
+
 @pytest.mark.parametrize("scratch_bytes", [1, 600])
 def test_backward_in_batch_slices(monkeypatch, scratch_bytes):
     """A scratch budget below the batch's: the backward runs slice by slice (1 row, then 2 + 1 rows)."""
     monkeypatch.setattr(triton_scan, "BACKWARD_SCRATCH_BYTES", scratch_bytes)
     compare(make_inputs(3, 5, 4, 9), config=(2, 4, 1))
+    compare(make_inputs(3, 5, 4, 9), config=(2, 2, 1, 2))
 
 
 def test_small_dt_keeps_precision():

@@ -12,6 +12,9 @@ step of the chunk for its channels and states: see the tile comment below), and 
 carries to the next chunk.  Nothing per (step, state) is written to memory: the forward saves no
 states at all, and the backward first re-runs the forward to keep only each chunk's starting state,
 then walks the chunks in reverse, loading each chunk's inputs while it computes the one before.
+Where the batch is too small to fill the GPU, a long sequence is also cut into time segments, one
+program each, joined through per-segment summaries (see the comment above
+_segment_summary_fwd_kernel).
 
 The slow, obviously correct twin is :func:`recbole_mamba.nn.selective_scan.selective_scan_reference`
 (float64); ``tests/test_triton_scan.py`` compares the two (on the CPU through Triton's interpreter,
@@ -223,32 +226,145 @@ def _pass2_loads(delta_ptr, u_ptr, B_ptr, C_ptr, dout_ptr, z_ptr, offs_t, offs_d
 
 
 @triton.jit
+def _segment_bounds(L, SEG_CHUNKS, BLOCK_T: tl.constexpr):
+    """This program's segment (program_id 2) as chunk indices [begin, end), and the number of segments."""
+    seg = tl.program_id(2)
+    n_chunks = (L + BLOCK_T - 1) // BLOCK_T
+    begin = seg * SEG_CHUNKS
+    return seg, begin, tl.minimum(begin + SEG_CHUNKS, n_chunks)
+
+
+@triton.jit
+def _state_before_segment(hloc_ptr, sdt_ptr, seg, A2, d4, n4, mask_d4, mask_dn4, DIM, N):
+    """The state entering segment ``seg``, from the summaries of the segments before it.
+
+    A segment maps a state h to P h + hloc, with hloc its last state when started from 0 and
+    P = exp(A sum(dt)) the product of its decays, so h <- P_j h + hloc_j over j = 0 .. seg - 1.
+    """
+    h = A2 * 0.0
+    j = 0
+    while j < seg:
+        decay = tl.exp2(A2 * tl.load(sdt_ptr + j * DIM + d4, mask=mask_d4, other=0.0))
+        h = decay * h + tl.load(hloc_ptr + j * DIM * N + d4 * N + n4, mask=mask_dn4, other=0.0)
+        j += 1
+    return h
+
+
+@triton.jit
+def _adjoint_after_segment(klocal_ptr, sdt_ptr, seg, n_seg, A2, d4, n4, mask_d4, mask_dn4, DIM, N):
+    """k (a g, see _scan_bwd_kernel) entering segment ``seg`` from its end: the backward's mirror of
+    _state_before_segment, k <- P_j k + klocal_j over j = n_seg - 1 down to seg + 1."""
+    k = A2 * 0.0
+    j = n_seg - 1
+    while j > seg:
+        decay = tl.exp2(A2 * tl.load(sdt_ptr + j * DIM + d4, mask=mask_d4, other=0.0))
+        k = decay * k + tl.load(klocal_ptr + j * DIM * N + d4 * N + n4, mask=mask_dn4, other=0.0)
+        j -= 1
+    return k
+
+
+@triton.jit
+def _states_over_chunks(h, c_begin, c_end, u_ptr, delta_ptr, B_ptr, bias, A2, offs_local, local4, offs_d, offs_n,
+                        mask_d, mask_n, L, s_ul, s_ud, s_dl, s_dd, s_bl, s_bn, starts_ptr, tile_index,
+                        STORE_STARTS: tl.constexpr, SUM_DT: tl.constexpr, SOFTPLUS: tl.constexpr,
+                        BLOCK_D: tl.constexpr, N_HIGH: tl.constexpr, N_LOW: tl.constexpr, BLOCK_T: tl.constexpr):
+    """The recurrence from state h over chunks [c_begin, c_end): the state after them and (SUM_DT) the
+    sum of dt per channel, (1, NH, D, NL) and (1, 1, D, 1).  STORE_STARTS: write each chunk's starting
+    state to ``starts_ptr`` (tile ``c - c_begin``)."""
+    tile_size: tl.constexpr = N_HIGH * BLOCK_D * N_LOW
+    sum_dt = tl.zeros([1, 1, BLOCK_D, 1], tl.float32)
+    offs_t = c_begin * BLOCK_T + offs_local
+    n_raw, n_u, n_B = _scan_loads(u_ptr, delta_ptr, B_ptr, offs_t, offs_d, offs_n, offs_t < L, mask_d, mask_n, s_ul,
+                                  s_ud, s_dl, s_dd, s_bl, s_bn, N_HIGH, N_LOW)
+    c = c_begin
+    while c < c_end:
+        offs_t = c * BLOCK_T + offs_local
+        mask_t = offs_t < L
+        if STORE_STARTS:
+            tl.store(starts_ptr + (c - c_begin) * tile_size + tile_index, h)
+        raw2, u2, B3 = n_raw, n_u, n_B
+        n_raw, n_u, n_B = _scan_loads(u_ptr, delta_ptr, B_ptr, offs_t + BLOCK_T, offs_d, offs_n, offs_t + BLOCK_T < L,
+                                      mask_d, mask_n, s_ul, s_ud, s_dl, s_dd, s_bl, s_bn, N_HIGH, N_LOW)
+        decay, inp, dt, raw, u, Bt = _decay_and_input(raw2, u2, B3, bias, A2, mask_t, mask_d, SOFTPLUS, N_HIGH,
+                                                      N_LOW)
+        states, _ = _states_in_chunk(decay, inp, h, local4, BLOCK_T)
+        # Padding steps are the identity, so the chunk's last slot holds the state after its last real step.
+        h = _pick(states, local4, BLOCK_T - 1)
+        if SUM_DT:
+            sum_dt += tl.sum(dt, axis=0, keep_dims=True)
+        c += 1
+    return h, sum_dt
+
+
+# Long sequences in small batches give fewer (batch row, channel block) programs than the GPU runs
+# at once.  Then the sequence is also split into segments of SEG_CHUNKS chunks, one program each, in
+# two launches.  The recurrence is linear, so a segment maps its entering state h to P h + hloc (P the
+# product of its decays, hloc its last state when started from zero): the first launch computes every
+# segment's (hloc, sum of dt) (_segment_summary_fwd_kernel); the second runs each segment from the
+# state those summaries give (_state_before_segment).  The backward does the same for the gradient
+# g, which runs from the end: _segment_summary_bwd_kernel, then _adjoint_after_segment.
+
+
+@triton.jit
+def _segment_summary_fwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, bias_ptr, hloc_ptr, sdt_ptr,
+    L, DIM, N, SEG_CHUNKS,
+    s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_bb, s_bn, s_bl,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, BLOCK_D: tl.constexpr, N_HIGH: tl.constexpr,
+    N_LOW: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """Each segment's last state from zero and sum of dt: hloc (batch, segments, DIM, N), sdt (batch, segments, DIM)."""
+    b = tl.program_id(0)
+    offs_d, offs_n, offs_local, local4, mask_d, mask_n, A, A2, bias, no_D = _program_setup(
+        A_ptr, bias_ptr, A_ptr, DIM, N, HAS_BIAS, False, BLOCK_D, N_HIGH, N_LOW, BLOCK_T)
+    seg, c_begin, c_end = _segment_bounds(L, SEG_CHUNKS, BLOCK_T)
+    h, sum_dt = _states_over_chunks(A2 * 0.0, c_begin, c_end, u_ptr + b * s_ub, delta_ptr + b * s_db, B_ptr + b * s_bb,
+                                    bias, A2, offs_local, local4, offs_d, offs_n, mask_d, mask_n, L, s_ul, s_ud, s_dl,
+                                    s_dd, s_bl, s_bn, hloc_ptr, 0, False, True, SOFTPLUS, BLOCK_D, N_HIGH, N_LOW,
+                                    BLOCK_T)
+    d4, n4 = _as_tile(offs_d, 2, N_HIGH, N_LOW), _as_tile(offs_n, 1, N_HIGH, N_LOW)
+    mask_d4 = _as_tile(mask_d, 2, N_HIGH, N_LOW)
+    row = b * tl.num_programs(2) + seg
+    tl.store(hloc_ptr + (row * DIM + d4) * N + n4, h, mask=mask_d4 & _as_tile(mask_n, 1, N_HIGH, N_LOW))
+    tl.store(sdt_ptr + row * DIM + d4, sum_dt, mask=mask_d4)
+
+
+@triton.jit
 def _scan_fwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, last_ptr,
-    L, DIM, N,
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, last_ptr, hloc_ptr, sdt_ptr,
+    L, DIM, N, SEG_CHUNKS,
     s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_bb, s_bn, s_bl, s_cb, s_cn, s_cl, s_zb, s_zd, s_zl,
     s_ob, s_od, s_ol,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    STORE_LAST: tl.constexpr, BLOCK_D: tl.constexpr, N_HIGH: tl.constexpr, N_LOW: tl.constexpr,
-    BLOCK_T: tl.constexpr,
+    STORE_LAST: tl.constexpr, SEGMENTED: tl.constexpr, BLOCK_D: tl.constexpr, N_HIGH: tl.constexpr,
+    N_LOW: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     b = tl.program_id(0)
     offs_d, offs_n, offs_local, local4, mask_d, mask_n, A, A2, bias, Dv = _program_setup(
         A_ptr, bias_ptr, D_ptr, DIM, N, HAS_BIAS, HAS_D, BLOCK_D, N_HIGH, N_LOW, BLOCK_T)
+    d4, n4 = _as_tile(offs_d, 2, N_HIGH, N_LOW), _as_tile(offs_n, 1, N_HIGH, N_LOW)
+    mask_d4 = _as_tile(mask_d, 2, N_HIGH, N_LOW)
+    mask_dn4 = mask_d4 & _as_tile(mask_n, 1, N_HIGH, N_LOW)
+    seg, c_begin, c_end = _segment_bounds(L, SEG_CHUNKS, BLOCK_T)
+    n_seg = tl.num_programs(2)
     u_ptr += b * s_ub
     delta_ptr += b * s_db
     B_ptr += b * s_bb
     C_ptr += b * s_cb
     z_ptr += b * s_zb
     out_ptr += b * s_ob
-    h = tl.zeros([1, N_HIGH, BLOCK_D, N_LOW], tl.float32)
-    offs_t = offs_local
+    h = A2 * 0.0
+    if SEGMENTED:
+        h = _state_before_segment(hloc_ptr + b * n_seg * DIM * N, sdt_ptr + b * n_seg * DIM, seg, A2, d4, n4,
+                                  mask_d4, mask_dn4, DIM, N)
+    t0 = c_begin * BLOCK_T
+    t_end = c_end * BLOCK_T
+    offs_t = t0 + offs_local
     mask_t = offs_t < L
     n_raw, n_u, n_B, n_C, n_z = _forward_loads(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, offs_t, offs_d, offs_n, mask_t,
                                                mask_d, mask_n, s_ul, s_ud, s_dl, s_dd, s_bl, s_bn, s_cl, s_cn, s_zl,
                                                s_zd, HAS_Z, N_HIGH, N_LOW)
-    t0 = 0
-    while t0 < L:  # (a while loop: Triton's interpreter cannot range() over a runtime length with numpy 2)
+    while t0 < t_end:  # (a while loop: Triton's interpreter cannot range() over a runtime length with numpy 2)
         offs_t = t0 + offs_local
         mask_t = offs_t < L
         raw2, u2, B3, C3, z2 = n_raw, n_u, n_B, n_C, n_z
@@ -270,21 +386,61 @@ def _scan_fwd_kernel(
         # Padding steps are the identity, so the chunk's last slot holds the state after its last real step.
         h = _pick(states, local4, BLOCK_T - 1)
         t0 += BLOCK_T
-    if STORE_LAST:
-        d4, n4 = _as_tile(offs_d, 2, N_HIGH, N_LOW), _as_tile(offs_n, 1, N_HIGH, N_LOW)
-        tl.store(last_ptr + b * DIM * N + d4 * N + n4, h,
-                 mask=_as_tile(mask_d, 2, N_HIGH, N_LOW) & _as_tile(mask_n, 1, N_HIGH, N_LOW))
+    if STORE_LAST:  # by the last segment, whose h is the state after step L - 1
+        tl.store(last_ptr + b * DIM * N + d4 * N + n4, h, mask=mask_dn4 & (n4 * 0 + seg == n_seg - 1))
+
+
+@triton.jit
+def _segment_summary_bwd_kernel(
+    delta_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dout_ptr, klocal_ptr,
+    L, DIM, N, SEG_CHUNKS,
+    s_db, s_dd, s_dl, s_cb, s_cn, s_cl, s_zb, s_zd, s_zl, s_gb, s_gd, s_gl,
+    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, BLOCK_D: tl.constexpr,
+    N_HIGH: tl.constexpr, N_LOW: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """Each segment's k at its first step with zero coming in from its end: klocal (batch, segments, DIM, N).
+
+    (Only g's recurrence, g_t = dy_t C_t + a_{t+1} g_{t+1}: no states and no gradients.)
+    """
+    b = tl.program_id(0)
+    offs_d, offs_n, offs_local, local4, mask_d, mask_n, A, A2, bias, no_D = _program_setup(
+        A_ptr, bias_ptr, A_ptr, DIM, N, HAS_BIAS, False, BLOCK_D, N_HIGH, N_LOW, BLOCK_T)
+    seg, c_begin, c_end = _segment_bounds(L, SEG_CHUNKS, BLOCK_T)
+    delta_ptr += b * s_db
+    C_ptr += b * s_cb
+    z_ptr += b * s_zb
+    dout_ptr += b * s_gb
+    k = A2 * 0.0
+    c = c_end - 1
+    while c >= c_begin:
+        offs_t = c * BLOCK_T + offs_local
+        mask_t = offs_t < L
+        raw = _raw_td(delta_ptr, offs_t, offs_d, mask_t, mask_d, s_dl, s_dd)
+        C3 = _raw_tn(C_ptr, offs_t, offs_n, mask_t, mask_n, s_cl, s_cn, N_HIGH, N_LOW)
+        dy = _raw_td(dout_ptr, offs_t, offs_d, mask_t, mask_d, s_gl, s_gd)[:, None, :, None]
+        if HAS_Z:
+            z = _raw_td(z_ptr, offs_t, offs_d, mask_t, mask_d, s_zl, s_zd)[:, None, :, None]
+            dy = dy * z * tl.sigmoid(z)
+        # Only the decay is used (raw and C stand in for u and B).
+        decay, inp, dt, raw4, u4, Bt = _decay_and_input(raw, raw, C3, bias, A2, mask_t, mask_d, SOFTPLUS, N_HIGH,
+                                                        N_LOW)
+        g, k = _state_grads_in_chunk(decay, dy * C3[:, :, None, :], k, local4, BLOCK_T)
+        c -= 1
+    d4, n4 = _as_tile(offs_d, 2, N_HIGH, N_LOW), _as_tile(offs_n, 1, N_HIGH, N_LOW)
+    mask_dn4 = _as_tile(mask_d, 2, N_HIGH, N_LOW) & _as_tile(mask_n, 1, N_HIGH, N_LOW)
+    tl.store(klocal_ptr + ((b * tl.num_programs(2) + seg) * DIM + d4) * N + n4, k, mask=mask_dn4)
 
 
 @triton.jit
 def _scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr,
-    du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, chunk_h0_ptr,
-    L, DIM, N, N_CHUNKS,
+    du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, chunk_h0_ptr, hloc_ptr, sdt_ptr, klocal_ptr,
+    L, DIM, N, SEG_CHUNKS,
     s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_bb, s_bn, s_bl, s_cb, s_cn, s_cl, s_zb, s_zd, s_zl,
     s_gb, s_gd, s_gl, s_dub, s_dud, s_dul, s_ddb, s_ddd, s_ddl, s_dzb, s_dzd, s_dzl,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    BLOCK_D: tl.constexpr, N_HIGH: tl.constexpr, N_LOW: tl.constexpr, BLOCK_T: tl.constexpr,
+    SEGMENTED: tl.constexpr, BLOCK_D: tl.constexpr, N_HIGH: tl.constexpr, N_LOW: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
     # Gradients, with g_t = dLoss/dh_t, a_t = exp(dt_t A), dy_t the gradient of y_t before D and the gate:
     #   g_t = dy_t C_t + a_{t+1} g_{t+1}
@@ -296,7 +452,10 @@ def _scan_bwd_kernel(
     offs_d, offs_n, offs_local, local4, mask_d, mask_n, A, A2, bias, Dv = _program_setup(
         A_ptr, bias_ptr, D_ptr, DIM, N, HAS_BIAS, HAS_D, BLOCK_D, N_HIGH, N_LOW, BLOCK_T)
     d4, n4 = _as_tile(offs_d, 2, N_HIGH, N_LOW), _as_tile(offs_n, 1, N_HIGH, N_LOW)
-    mask_dn4 = _as_tile(mask_d, 2, N_HIGH, N_LOW) & _as_tile(mask_n, 1, N_HIGH, N_LOW)
+    mask_d4 = _as_tile(mask_d, 2, N_HIGH, N_LOW)
+    mask_dn4 = mask_d4 & _as_tile(mask_n, 1, N_HIGH, N_LOW)
+    seg, c_begin, c_end = _segment_bounds(L, SEG_CHUNKS, BLOCK_T)
+    n_seg = tl.num_programs(2)
     u_ptr += b * s_ub
     delta_ptr += b * s_db
     B_ptr += b * s_bb
@@ -309,44 +468,37 @@ def _scan_bwd_kernel(
     dz_ptr += b * s_dzb
     dB_ptr += b * N * L
     dC_ptr += b * N * L
-    # This program's chunk-start states: (N_CHUNKS, NH, BLOCK_D, NL), float32.
+    # This program's chunk-start states: (SEG_CHUNKS, NH, BLOCK_D, NL), float32.
     tile_size: tl.constexpr = N_HIGH * BLOCK_D * N_LOW
-    chunk_h0_ptr += (b * tl.num_programs(1) + pid_d) * N_CHUNKS * tile_size
+    chunk_h0_ptr += ((b * tl.num_programs(1) + pid_d) * n_seg + seg) * SEG_CHUNKS * tile_size
     tile_index = (n4 // N_LOW * BLOCK_D + (d4 - pid_d * BLOCK_D)) * N_LOW + n4 % N_LOW
 
-    # Pass 1: re-run the forward, keeping only the state before each chunk.
-    h = tl.zeros([1, N_HIGH, BLOCK_D, N_LOW], tl.float32)
-    offs_t = offs_local
-    n_raw, n_u, n_B = _scan_loads(u_ptr, delta_ptr, B_ptr, offs_t, offs_d, offs_n, offs_t < L, mask_d, mask_n, s_ul,
-                                  s_ud, s_dl, s_dd, s_bl, s_bn, N_HIGH, N_LOW)
-    c = 0
-    while c < N_CHUNKS:
-        offs_t = c * BLOCK_T + offs_local
-        mask_t = offs_t < L
-        tl.store(chunk_h0_ptr + c * tile_size + tile_index, h)
-        raw2, u2, B3 = n_raw, n_u, n_B
-        n_raw, n_u, n_B = _scan_loads(u_ptr, delta_ptr, B_ptr, offs_t + BLOCK_T, offs_d, offs_n, offs_t + BLOCK_T < L,
-                                      mask_d, mask_n, s_ul, s_ud, s_dl, s_dd, s_bl, s_bn, N_HIGH, N_LOW)
-        decay, inp, dt, raw, u, Bt = _decay_and_input(raw2, u2, B3, bias, A2, mask_t, mask_d, SOFTPLUS, N_HIGH,
-                                                      N_LOW)
-        states, _ = _states_in_chunk(decay, inp, h, local4, BLOCK_T)
-        h = _pick(states, local4, BLOCK_T - 1)
-        c += 1
+    # Pass 1: re-run the forward over this segment, keeping only the state before each chunk.
+    h0 = A2 * 0.0
+    if SEGMENTED:
+        h0 = _state_before_segment(hloc_ptr + b * n_seg * DIM * N, sdt_ptr + b * n_seg * DIM, seg, A2, d4, n4,
+                                   mask_d4, mask_dn4, DIM, N)
+    _states_over_chunks(h0, c_begin, c_end, u_ptr, delta_ptr, B_ptr, bias, A2, offs_local, local4, offs_d, offs_n,
+                        mask_d, mask_n, L, s_ul, s_ud, s_dl, s_dd, s_bl, s_bn, chunk_h0_ptr, tile_index, True, False,
+                        SOFTPLUS, BLOCK_D, N_HIGH, N_LOW, BLOCK_T)
     # Pass 2 may read a chunk state that another thread of this program wrote.
     tl.debug_barrier()
 
-    # Pass 2: the chunks in reverse.
-    k_next = tl.zeros([1, N_HIGH, BLOCK_D, N_LOW], tl.float32)
+    # Pass 2: the segment's chunks in reverse, from the g that the segments after it pass back.
+    k_next = A2 * 0.0
+    if SEGMENTED:
+        k_next = _adjoint_after_segment(klocal_ptr + b * n_seg * DIM * N, sdt_ptr + b * n_seg * DIM, seg, n_seg, A2,
+                                        d4, n4, mask_d4, mask_dn4, DIM, N)
     dA_acc = tl.zeros([1, N_HIGH, BLOCK_D, N_LOW], tl.float32)
     dD_acc = tl.zeros([1, 1, BLOCK_D, 1], tl.float32)
-    c = N_CHUNKS - 1
+    c = c_end - 1
     offs_t = c * BLOCK_T + offs_local
     mask_t = offs_t < L
     n_raw, n_u, n_B, n_C, n_dy, n_z = _pass2_loads(delta_ptr, u_ptr, B_ptr, C_ptr, dout_ptr, z_ptr, offs_t, offs_d,
                                                    offs_n, mask_t, mask_d, mask_n, s_dl, s_dd, s_ul, s_ud, s_bl, s_bn,
                                                    s_cl, s_cn, s_gl, s_gd, s_zl, s_zd, HAS_Z, N_HIGH, N_LOW)
-    n_h0 = tl.load(chunk_h0_ptr + c * tile_size + tile_index)
-    while c >= 0:
+    n_h0 = tl.load(chunk_h0_ptr + (c - c_begin) * tile_size + tile_index)
+    while c >= c_begin:
         offs_t = c * BLOCK_T + offs_local
         mask_t = offs_t < L
         raw2, u2, B3, C3, dy2, z2, h0 = n_raw, n_u, n_B, n_C, n_dy, n_z, n_h0
@@ -356,7 +508,7 @@ def _scan_bwd_kernel(
                                                        offs_n, offs_p >= 0, mask_d, mask_n, s_dl, s_dd, s_ul, s_ud,
                                                        s_bl, s_bn, s_cl, s_cn, s_gl, s_gd, s_zl, s_zd, HAS_Z, N_HIGH,
                                                        N_LOW)
-        offs_h0 = (c - 1) * tile_size + tile_index  # negative for c = 0: nothing before the first chunk
+        offs_h0 = (c - 1 - c_begin) * tile_size + tile_index  # negative at the segment's first chunk
         n_h0 = tl.load(chunk_h0_ptr + offs_h0, mask=offs_h0 >= 0, other=0.0)
         decay, inp, dt, raw, u, Bt = _decay_and_input(raw2, u2, B3, bias, A2, mask_t, mask_d, SOFTPLUS, N_HIGH,
                                                       N_LOW)
@@ -401,21 +553,36 @@ def _scan_bwd_kernel(
         _store_td(du_ptr, du, offs_t, offs_d, mask_t, mask_d, s_dul, s_dud)
         _store_td(ddelta_ptr, d_dt, offs_t, offs_d, mask_t, mask_d, s_ddl, s_ddd)
         c -= 1
-    # Per-batch-row partial sums of dA and dD (summed over the batch outside: deterministic, and small).
-    tl.store(dA_ptr + b * DIM * N + d4 * N + n4, dA_acc, mask=mask_dn4)
+    # Partial sums of dA and dD per batch row and segment (summed outside: deterministic, and small).
+    row = b * n_seg + seg
+    tl.store(dA_ptr + row * DIM * N + d4 * N + n4, dA_acc, mask=mask_dn4)
     if HAS_D:
-        tl.store(dD_ptr + b * DIM + d4, dD_acc, mask=_as_tile(mask_d, 2, N_HIGH, N_LOW))
+        tl.store(dD_ptr + row * DIM + d4, dD_acc, mask=mask_d4)
 
 
 def launch_config(d, n, L, batch=None):
-    """(BLOCK_D, BLOCK_T, num_warps) for a shape, from the tilings timed on an H100 (benchmarks/NOTES.md).
+    """(BLOCK_D, BLOCK_T, num_warps, segments) for a shape, from the tilings timed on an H100
+    (benchmarks/NOTES.md).
 
     One warp per program, chunks of 4 steps, 8 channels: the fastest at (2048, 200), (256, 512) and
     (64, 2048) with d_inner 128 and d_state 32.  Where that gives too few programs to fill the GPU
-    (long sequences, small batches: (16, 8192)), 4 channels per program instead.
+    (small batches), long sequences are cut into time segments (see _segment_summary_fwd_kernel)
+    until there are about TARGET_PROGRAMS programs, each segment at least MIN_SEGMENT_CHUNKS chunks
+    long; short ones get 4 channels per program instead.
     """
-    block_d = 8 if batch is None or batch * triton.cdiv(d, 8) >= 1024 else 4
-    return block_d, min(4, triton.next_power_of_2(L)), 1
+    block_t = min(4, triton.next_power_of_2(L))
+    programs = (batch or TARGET_PROGRAMS) * triton.cdiv(d, 8)
+    if programs >= TARGET_PROGRAMS // 4:
+        return 8, block_t, 1, 1
+    max_segments = triton.cdiv(L, block_t) // MIN_SEGMENT_CHUNKS
+    if max_segments >= 2:
+        return 8, block_t, 1, min(triton.cdiv(TARGET_PROGRAMS, programs), max_segments)
+    return 4, block_t, 1, 1
+
+
+# Programs that fill an H100 with one-warp programs, and the shortest segment worth its extra work.
+TARGET_PROGRAMS = 4096
+MIN_SEGMENT_CHUNKS = 32
 
 
 def state_split(n):
@@ -436,32 +603,47 @@ def _channels_last(batch, d, L, like):
     return torch.empty((batch, L, d), device=like.device, dtype=like.dtype).transpose(1, 2)
 
 
+def _segments(L, block_t, segments):
+    """(segments, chunks per segment) with no empty segment."""
+    n_chunks = triton.cdiv(L, block_t)
+    seg_chunks = triton.cdiv(n_chunks, max(1, min(segments, n_chunks)))
+    return triton.cdiv(n_chunks, seg_chunks), seg_chunks
+
+
 class _TritonSelectiveScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, config):
         batch, d, L = u.shape
         n = A.shape[1]
-        block_d, block_t, warps, *max_registers = config or launch_config(d, n, L, batch)
-        # An optional register cap for the backward kernel (Triton's maxnreg): more programs per SM.
-        limits = {"maxnreg": max_registers[0]} if max_registers else {}
+        block_d, block_t, warps, *rest = config or launch_config(d, n, L, batch)
+        n_seg, seg_chunks = _segments(L, block_t, rest[0] if rest else 1)
         n_high, n_low = state_split(n)
+        d_blocks = triton.cdiv(d, block_d)
         out = _channels_last(batch, d, L, u)
         last = torch.empty((batch, d, n), device=u.device, dtype=torch.float32) if return_last_state else out
         dummy = u  # stands in for absent optional tensors (never read: the flags are off)
-        grid = (batch, triton.cdiv(d, block_d))
-        _scan_fwd_kernel[grid](
+        # Segment summaries: each one's last state from zero (batch, segments, d, n) and sum of dt.
+        hloc = torch.empty((batch, n_seg, d, n), device=u.device, dtype=torch.float32) if n_seg > 1 else dummy
+        sdt = torch.empty((batch, n_seg, d), device=u.device, dtype=torch.float32) if n_seg > 1 else dummy
+        flags = dict(HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), BLOCK_D=block_d, N_HIGH=n_high,
+                     N_LOW=n_low, BLOCK_T=block_t, num_warps=warps)
+        bias = delta_bias if delta_bias is not None else dummy
+        if n_seg > 1:
+            _segment_summary_fwd_kernel[(batch, d_blocks, n_seg)](
+                u, delta, A, B, bias, hloc, sdt, L, d, n, seg_chunks,
+                *u.stride(), *delta.stride(), *B.stride(), **flags)
+        _scan_fwd_kernel[(batch, d_blocks, n_seg)](
             u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
-            delta_bias if delta_bias is not None else dummy, out, last,
-            L, d, n,
+            bias, out, last, hloc, sdt,
+            L, d, n, seg_chunks,
             *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *(z if z is not None else u).stride(),
             *out.stride(),
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-            SOFTPLUS=bool(delta_softplus), STORE_LAST=bool(return_last_state),
-            BLOCK_D=block_d, N_HIGH=n_high, N_LOW=n_low, BLOCK_T=block_t, num_warps=warps,
+            HAS_D=D is not None, HAS_Z=z is not None, STORE_LAST=bool(return_last_state), SEGMENTED=n_seg > 1,
+            **flags,
         )
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, hloc, sdt)
         ctx.delta_softplus = bool(delta_softplus)
-        ctx.launch = (block_d, block_t, warps, limits)
+        ctx.launch = (block_d, block_t, warps, n_seg, seg_chunks)
         if return_last_state:
             ctx.mark_non_differentiable(last)
             return out, last
@@ -469,45 +651,53 @@ class _TritonSelectiveScan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, *_dlast):
-        u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
+        u, delta, A, B, C, D, z, delta_bias, hloc, sdt = ctx.saved_tensors
         batch, d, L = u.shape
         n = A.shape[1]
-        block_d, block_t, warps, limits = ctx.launch
+        block_d, block_t, warps, n_seg, seg_chunks = ctx.launch
         n_high, n_low = state_split(n)
-        n_chunks = triton.cdiv(L, block_t)
         d_blocks = triton.cdiv(d, block_d)
         du, ddelta = torch.empty_like(u), torch.empty_like(delta)
         dz = _channels_last(batch, d, L, z) if z is not None else None
         # (batch, L, n), returned as (batch, n, L) views: the kernel adds a time step's n values at once.
         dB = torch.zeros((batch, L, n), device=u.device, dtype=torch.float32)
         dC = torch.zeros((batch, L, n), device=u.device, dtype=torch.float32)
-        dA = torch.empty((batch, d, n), device=u.device, dtype=torch.float32)
-        dD = torch.empty((batch, d), device=u.device, dtype=torch.float32) if D is not None else None
-        # The chunk-start states (d_blocks x n_chunks tiles per batch row) are scratch that grows with
-        # batch x L: the kernel runs over slices of the batch that share one buffer of at most
-        # BACKWARD_SCRATCH_BYTES, each slice still thousands of programs.
-        row_floats = d_blocks * n_chunks * block_d * n_high * n_low
+        dA = torch.empty((batch, n_seg, d, n), device=u.device, dtype=torch.float32)
+        dD = torch.empty((batch, n_seg, d), device=u.device, dtype=torch.float32) if D is not None else None
+        flags = dict(HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=ctx.delta_softplus,
+                     BLOCK_D=block_d, N_HIGH=n_high, N_LOW=n_low, BLOCK_T=block_t, num_warps=warps)
+        bias = delta_bias if delta_bias is not None else u
+        klocal = hloc
+        if n_seg > 1:  # each segment's g passed back to the one before it, with zero from its end
+            klocal = torch.empty((batch, n_seg, d, n), device=u.device, dtype=torch.float32)
+            z_or_u = z if z is not None else u
+            _segment_summary_bwd_kernel[(batch, d_blocks, n_seg)](
+                delta, A, C, z_or_u, bias, dout, klocal, L, d, n, seg_chunks,
+                *delta.stride(), *C.stride(), *z_or_u.stride(), *dout.stride(), **flags)
+        # The chunk-start states (d_blocks x segments x seg_chunks tiles per batch row) are scratch that
+        # grows with batch x L: the kernel runs over slices of the batch that share one buffer of at
+        # most BACKWARD_SCRATCH_BYTES, each slice still thousands of programs.
+        row_floats = d_blocks * n_seg * seg_chunks * block_d * n_high * n_low
         rows = max(1, min(batch, BACKWARD_SCRATCH_BYTES // (4 * row_floats)))
         chunk_h0 = torch.empty((rows * row_floats,), device=u.device, dtype=torch.float32)
         for start in range(0, batch, rows):
             part = slice(start, start + rows)
             rows_of = functools.partial(_batch_rows, part=part, absent=u)
             z_part, dz_part = rows_of(z), rows_of(dz)
-            _scan_bwd_kernel[(rows_of(u).shape[0], d_blocks)](
+            _scan_bwd_kernel[(rows_of(u).shape[0], d_blocks, n_seg)](
                 rows_of(u), rows_of(delta), A, rows_of(B), rows_of(C), D if D is not None else u, z_part,
-                delta_bias if delta_bias is not None else u, rows_of(dout),
+                bias, rows_of(dout),
                 rows_of(du), rows_of(ddelta), dz_part, rows_of(dB), rows_of(dC), rows_of(dA), rows_of(dD), chunk_h0,
-                L, d, n, n_chunks,
+                rows_of(hloc), rows_of(sdt), rows_of(klocal),
+                L, d, n, seg_chunks,
                 *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *z_part.stride(),
                 *dout.stride(), *du.stride(), *ddelta.stride(), *dz_part.stride(),
-                HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-                SOFTPLUS=ctx.delta_softplus, BLOCK_D=block_d, N_HIGH=n_high, N_LOW=n_low, BLOCK_T=block_t,
-                num_warps=warps, **limits,
+                HAS_D=D is not None, SEGMENTED=n_seg > 1, **flags,
             )
         ddelta_bias = ddelta.float().sum((0, 2)).to(delta_bias.dtype) if delta_bias is not None else None
-        dD = dD.sum(0).to(D.dtype) if D is not None else None
-        return (du, ddelta, dA.sum(0).to(A.dtype), dB.transpose(1, 2).to(B.dtype), dC.transpose(1, 2).to(C.dtype), dD, dz, ddelta_bias,
-                None, None, None)
+        dD = dD.sum((0, 1)).to(D.dtype) if D is not None else None
+        return (du, ddelta, dA.sum((0, 1)).to(A.dtype), dB.transpose(1, 2).to(B.dtype), dC.transpose(1, 2).to(C.dtype),
+                dD, dz, ddelta_bias, None, None, None)
 
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -516,8 +706,8 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
 
     Inputs may be float32, float16 or bfloat16 and non-contiguous along any axis (strides are
     passed to the kernels); the arithmetic is float32 and the output has u's dtype. A must be real
-    (d, n) and B, C (batch, n, L). ``config`` = (BLOCK_D, BLOCK_T, num_warps) overrides
-    :func:`launch_config` (for benchmarks); a fourth value caps the backward kernel's registers.
+    (d, n) and B, C (batch, n, L). ``config`` = (BLOCK_D, BLOCK_T, num_warps[, segments]) overrides
+    :func:`launch_config` (for benchmarks and tests).
     With ``return_last_state`` returns ``(out, last_state)``, last_state (batch, d, n) float32, not
     differentiated.
     """
