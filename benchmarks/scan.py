@@ -28,8 +28,9 @@ from recbole_mamba.nn.mamba_mixer import median_cuda_ms  # noqa: E402
 SHAPES = [(2048, 200), (256, 512), (64, 2048), (16, 8192)]
 WIDTHS = [128, 256]
 STATES = [16, 32]
-# (BLOCK_D, BLOCK_T, num_warps) tried by --sweep.
-SWEEP = [(8, 4, 1), (4, 4, 1), (8, 2, 1), (4, 8, 1), (8, 8, 1), (16, 4, 2), (16, 2, 2), (32, 4, 4)]
+# (BLOCK_D, BLOCK_T, num_warps[, time segments]) tried by --sweep.
+SWEEP = [(8, 4, 1), (4, 4, 1), (8, 2, 1), (4, 8, 1), (8, 8, 1), (16, 4, 2), (16, 2, 2), (32, 4, 4),
+         *((block_d, 4, 1, segments) for block_d in (4, 8) for segments in (2, 4, 8, 16, 32))]
 
 
 def make_inputs(batch, d, n, L, dtype=torch.float32):
