@@ -1,5 +1,6 @@
 """What every benchmark records beside its numbers: machine, versions, date and the exact command."""
 
+import argparse
 import datetime
 import importlib.metadata
 import json
@@ -60,6 +61,17 @@ def environment():
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,
         "git_revision": _git_revision(),
     }
+
+
+def gpu_benchmark_start(doc):
+    """(arguments, environment) of a GPU micro-benchmark whose only option is ``--reps``; exits
+    with a message where there is no CUDA GPU."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, default=20)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("needs a CUDA GPU")
+    return args, environment()
 
 
 def write(name, env, rows, markdown_table, notes=""):

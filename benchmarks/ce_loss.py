@@ -16,7 +16,6 @@ benchmarks/results/ce_loss.{json,md}.
     python benchmarks/ce_loss.py [--reps 20]
 """
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -71,12 +70,7 @@ def measure(impl, n, v, d, reps):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reps", type=int, default=20)
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("needs a CUDA GPU")
-    env = _report.environment()
+    args, env = _report.gpu_benchmark_start(__doc__)
     rows = []
     for n, v, d in SHAPES:
         for tf32 in (False, True):

@@ -19,7 +19,6 @@ in training. Writes benchmarks/results/fused_ops.{json,md}.
     python benchmarks/fused_ops.py [--reps 20]
 """
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -76,12 +75,7 @@ def per_call_ms(function, reps):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reps", type=int, default=20)
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("needs a CUDA GPU")
-    env = _report.environment()
+    args, env = _report.gpu_benchmark_start(__doc__)
     fused.MIN_FUSED_ROWS = 0  # the compiled versions at every size, to find where they pay
     rows = []
     for shape_name, (batch, length) in SHAPES.items():
