@@ -38,6 +38,9 @@ class _CompiledOnCuda:
 
     def __call__(self, *args):
         if self.compiled is None:
+            # The first call compiles (seconds, once per process and batch layout): say so, as
+            # the first training batch would otherwise seem to hang.
+            logging.getLogger().info(f"Compiling {self.function.__name__} with torch.compile (first use)")
             self.compiled = torch.compile(self.function)
         if self.compiled is self.function:
             return self.function(*args)
