@@ -76,11 +76,12 @@ def test_launch_configs_agree(config):
     compare(make_inputs(2, 5, 4, 11), config=config)
 
 
-@pytest.mark.parametrize("config,D,z", [((2, 4, 1, 3), True, True), ((4, 2, 1, 5), False, False),
-                                        ((8, 1, 1, 37), True, True)])
-def test_time_segments_agree(config, D, z):
-    """A sequence split into segments (uneven ones, one step each) gives the same scan, last state included."""
-    x = make_inputs(2, 5, 4, 37, D=D, z=z)
+@pytest.mark.parametrize("L,config,D,z", [(19, (2, 4, 1, 3), True, True), (19, (4, 2, 1, 5), False, False),
+                                          (11, (8, 1, 1, 11), True, True)])
+def test_time_segments_agree(L, config, D, z):
+    """A sequence split into segments (uneven ones: 2 + 2 + 1 chunks; one step each) gives the same
+    scan, last state included."""
+    x = make_inputs(2, 5, 4, L, D=D, z=z)
     compare(x, config=config)
     args = {k: v.to(DEVICE) if v is not None else None for k, v in x.items()}
     _, last = triton_scan.selective_scan_triton(**args, delta_softplus=True, return_last_state=True, config=config)
