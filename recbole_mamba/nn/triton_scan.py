@@ -172,15 +172,23 @@ def _decay_and_input(raw, u, Bt, bias, A2, mask_t, mask_d, SOFTPLUS: tl.constexp
 
 
 @triton.jit
+def _channel_state_tiles(offs_d, offs_n, mask_d, mask_n, N_HIGH: tl.constexpr, N_LOW: tl.constexpr):
+    """The channels (1, 1, D, 1) and states (1, NH, 1, NL) as tiles, the channel mask, and the mask of
+    real (channel, state) pairs (1, NH, D, NL): the indices of per-(channel, state) values."""
+    mask_d4 = _as_tile(mask_d, 2, N_HIGH, N_LOW)
+    return (_as_tile(offs_d, 2, N_HIGH, N_LOW), _as_tile(offs_n, 1, N_HIGH, N_LOW), mask_d4,
+            mask_d4 & _as_tile(mask_n, 1, N_HIGH, N_LOW))
+
+
+@triton.jit
 def _channel_params(A_ptr, bias_ptr, D_ptr, offs_d, offs_n, mask_d, mask_n, N, HAS_BIAS: tl.constexpr,
                     HAS_D: tl.constexpr, N_HIGH: tl.constexpr, N_LOW: tl.constexpr):
     """A and A * log2(e) as (1, NH, D, NL), delta_bias and D as (1, 1, D, 1), float32.
 
     exp(dt A) = exp2(dt A2); padded states get A = 0 (decay 1, input 0); absent bias and D are zeros.
     """
-    d4, n4 = _as_tile(offs_d, 2, N_HIGH, N_LOW), _as_tile(offs_n, 1, N_HIGH, N_LOW)
-    mask_d4 = _as_tile(mask_d, 2, N_HIGH, N_LOW)
-    A = tl.load(A_ptr + d4 * N + n4, mask=mask_d4 & _as_tile(mask_n, 1, N_HIGH, N_LOW), other=0.0).to(tl.float32)
+    d4, n4, mask_d4, mask_dn4 = _channel_state_tiles(offs_d, offs_n, mask_d, mask_n, N_HIGH, N_LOW)
+    A = tl.load(A_ptr + d4 * N + n4, mask=mask_dn4, other=0.0).to(tl.float32)
     bias = tl.load(bias_ptr + d4, mask=mask_d4, other=0.0).to(tl.float32) if HAS_BIAS else 0.0 * d4
     Dv = tl.load(D_ptr + d4, mask=mask_d4, other=0.0).to(tl.float32) if HAS_D else 0.0 * d4
     return A, A * 1.4426950408889634, bias, Dv
@@ -322,10 +330,9 @@ def _segment_summary_fwd_kernel(
                                     bias, A2, offs_local, local4, offs_d, offs_n, mask_d, mask_n, L, s_ul, s_ud, s_dl,
                                     s_dd, s_bl, s_bn, hloc_ptr, 0, False, True, SOFTPLUS, BLOCK_D, N_HIGH, N_LOW,
                                     BLOCK_T)
-    d4, n4 = _as_tile(offs_d, 2, N_HIGH, N_LOW), _as_tile(offs_n, 1, N_HIGH, N_LOW)
-    mask_d4 = _as_tile(mask_d, 2, N_HIGH, N_LOW)
+    d4, n4, mask_d4, mask_dn4 = _channel_state_tiles(offs_d, offs_n, mask_d, mask_n, N_HIGH, N_LOW)
     row = b * tl.num_programs(2) + seg
-    tl.store(hloc_ptr + (row * DIM + d4) * N + n4, h, mask=mask_d4 & _as_tile(mask_n, 1, N_HIGH, N_LOW))
+    tl.store(hloc_ptr + (row * DIM + d4) * N + n4, h, mask=mask_dn4)
     tl.store(sdt_ptr + row * DIM + d4, sum_dt, mask=mask_d4)
 
 
@@ -342,9 +349,7 @@ def _scan_fwd_kernel(
     b = tl.program_id(0)
     offs_d, offs_n, offs_local, local4, mask_d, mask_n, A, A2, bias, Dv = _program_setup(
         A_ptr, bias_ptr, D_ptr, DIM, N, HAS_BIAS, HAS_D, BLOCK_D, N_HIGH, N_LOW, BLOCK_T)
-    d4, n4 = _as_tile(offs_d, 2, N_HIGH, N_LOW), _as_tile(offs_n, 1, N_HIGH, N_LOW)
-    mask_d4 = _as_tile(mask_d, 2, N_HIGH, N_LOW)
-    mask_dn4 = mask_d4 & _as_tile(mask_n, 1, N_HIGH, N_LOW)
+    d4, n4, mask_d4, mask_dn4 = _channel_state_tiles(offs_d, offs_n, mask_d, mask_n, N_HIGH, N_LOW)
     seg, c_begin, c_end = _segment_bounds(L, SEG_CHUNKS, BLOCK_T)
     n_seg = tl.num_programs(2)
     u_ptr += b * s_ub
@@ -426,8 +431,7 @@ def _segment_summary_bwd_kernel(
                                                         N_LOW)
         g, k = _state_grads_in_chunk(decay, dy * C3[:, :, None, :], k, local4, BLOCK_T)
         c -= 1
-    d4, n4 = _as_tile(offs_d, 2, N_HIGH, N_LOW), _as_tile(offs_n, 1, N_HIGH, N_LOW)
-    mask_dn4 = _as_tile(mask_d, 2, N_HIGH, N_LOW) & _as_tile(mask_n, 1, N_HIGH, N_LOW)
+    d4, n4, mask_d4, mask_dn4 = _channel_state_tiles(offs_d, offs_n, mask_d, mask_n, N_HIGH, N_LOW)
     tl.store(klocal_ptr + ((b * tl.num_programs(2) + seg) * DIM + d4) * N + n4, k, mask=mask_dn4)
 
 
@@ -451,9 +455,7 @@ def _scan_bwd_kernel(
     pid_d = tl.program_id(1)
     offs_d, offs_n, offs_local, local4, mask_d, mask_n, A, A2, bias, Dv = _program_setup(
         A_ptr, bias_ptr, D_ptr, DIM, N, HAS_BIAS, HAS_D, BLOCK_D, N_HIGH, N_LOW, BLOCK_T)
-    d4, n4 = _as_tile(offs_d, 2, N_HIGH, N_LOW), _as_tile(offs_n, 1, N_HIGH, N_LOW)
-    mask_d4 = _as_tile(mask_d, 2, N_HIGH, N_LOW)
-    mask_dn4 = mask_d4 & _as_tile(mask_n, 1, N_HIGH, N_LOW)
+    d4, n4, mask_d4, mask_dn4 = _channel_state_tiles(offs_d, offs_n, mask_d, mask_n, N_HIGH, N_LOW)
     seg, c_begin, c_end = _segment_bounds(L, SEG_CHUNKS, BLOCK_T)
     n_seg = tl.num_programs(2)
     u_ptr += b * s_ub
