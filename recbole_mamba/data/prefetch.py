@@ -76,7 +76,7 @@ class BatchPrefetcher:
         try:
             for batch in self.loader:
                 if self.pin:
-                    batch = _pinned(batch)
+                    batch = _each_tensor(batch, lambda tensor: tensor.pin_memory())
                 while not stop.is_set():
                     try:
                         batches.put(batch, timeout=0.05)
@@ -90,13 +90,11 @@ class BatchPrefetcher:
             batches.put(_LoaderError(error))
 
     def _to_device(self, batch):
-        if not isinstance(batch, Interaction):
-            return batch
-        return Interaction({key: value.to(self.device, non_blocking=self.pin)
-                            for key, value in batch.interaction.items()})
+        return _each_tensor(batch, lambda tensor: tensor.to(self.device, non_blocking=self.pin))
 
 
-def _pinned(batch):
+def _each_tensor(batch, function):
+    """An Interaction with ``function`` applied to each of its tensors; any other batch as it is."""
     if not isinstance(batch, Interaction):
         return batch
-    return Interaction({key: value.pin_memory() for key, value in batch.interaction.items()})
+    return Interaction({key: function(value) for key, value in batch.interaction.items()})
