@@ -28,9 +28,10 @@ from recbole_mamba.nn.mamba_mixer import median_cuda_ms  # noqa: E402
 SHAPES = [(2048, 200), (256, 512), (64, 2048), (16, 8192)]
 WIDTHS = [128, 256]
 STATES = [16, 32]
-# (BLOCK_D, BLOCK_T, num_warps[, time segments]) tried by --sweep.
+# (BLOCK_D, BLOCK_T, num_warps[, time segments[, forward BLOCK_D, forward num_warps]]) tried by --sweep.
 SWEEP = [(8, 4, 1), (4, 4, 1), (8, 2, 1), (4, 8, 1), (8, 8, 1), (16, 4, 2), (16, 2, 2), (32, 4, 4),
-         *((block_d, 4, 1, segments) for block_d in (4, 8) for segments in (2, 4, 8, 16, 32))]
+         *((block_d, 4, 1, segments) for block_d in (4, 8) for segments in (2, 4, 8, 16, 32)),
+         *((8, 4, 1, 1, block_d, warps) for block_d, warps in ((8, 1), (16, 1), (32, 2), (32, 4)))]
 
 
 def make_inputs(batch, d, n, L, dtype=torch.float32):
@@ -158,7 +159,8 @@ def main():
              f"Ceilings measured in this run: copy {ceiling['copy_GBps']} GB/s (read + write), exp2 "
              f"{ceiling['exp2_per_s']:.3g}/s. 'Triton GB/s' counts the least traffic (every input read and every "
              "output written once); 'exp2 share' is the Triton kernels' exp2 count (3 per state update: 1 forward, "
-             "2 backward) over the time, as a share of the exp2 ceiling. Tiling = (BLOCK_D, BLOCK_T, num_warps).")
+             "2 backward) over the time, as a share of the exp2 ceiling. Tiling = (BLOCK_D, BLOCK_T, num_warps, "
+             "time segments, forward BLOCK_D, forward num_warps) (launch_config).")
     env["ceilings"] = ceiling
     print("\n".join(lines))
     for path in _report.write(args.name, env, rows, "\n".join(lines), notes):

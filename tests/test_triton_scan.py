@@ -91,10 +91,21 @@ def test_time_segments_agree(L, config, D, z):
 
 
 def test_long_sequences_in_small_batches_get_segments():
-    assert triton_scan.launch_config(128, 32, 200, 2048) == (8, 4, 1, 1)
-    block_d, _, _, segments = triton_scan.launch_config(128, 32, 8192, 16)
+    assert triton_scan.launch_config(128, 32, 200, 2048)[:4] == (8, 4, 1, 1)
+    block_d, _, _, segments, _, _ = triton_scan.launch_config(128, 32, 8192, 16)
     assert segments > 1 and 16 * (128 // block_d) * segments >= triton_scan.TARGET_PROGRAMS
-    assert triton_scan.launch_config(128, 32, 7, 2) == (4, 4, 1, 1)  # too short to split
+    assert triton_scan.launch_config(128, 32, 7, 2)[:4] == (4, 4, 1, 1)  # too short to split
+
+
+def test_forward_takes_wider_tiles_where_the_batch_fills_the_gpu():
+    assert triton_scan.launch_config(128, 32, 200, 2048)[4:] == (32, 2)
+    assert triton_scan.launch_config(128, 32, 8192, 16)[4:] == (16, 1)
+
+
+@pytest.mark.parametrize("L,config", [(9, (2, 4, 1, 1, 8, 2)), (19, (2, 4, 1, 3, 4, 1)), (11, (8, 1, 1, 11, 2, 1))])
+def test_forward_tiling_apart_from_the_backward(L, config):
+    """The forward on its own channel blocks and warps (segments and chunks shared with the backward)."""
+    compare(make_inputs(2, 5, 4, L), config=config)
 
 
 @pytest.mark.parametrize("scratch_bytes", [1, 600])

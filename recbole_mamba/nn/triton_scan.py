@@ -35,12 +35,25 @@ BACKWARD_SCRATCH_BYTES = 512 * 2**20
 
 @triton.jit
 def _softplus(x):
-    # log1p(exp(x)) without losing digits for very negative x (small dt), as mamba-ssm's log1pf:
-    # log1p(e) = log(1 + e) * e / ((1 + e) - 1) corrects the rounding of 1 + e.
-    e = tl.exp(-tl.abs(x))
-    one_plus = 1.0 + e
-    log1p_e = tl.where(one_plus == 1.0, e, tl.log(one_plus) * e / (one_plus - 1.0))
-    return tl.maximum(x, 0.0) + log1p_e
+    """log(1 + exp(x)) to within 1e-8 relative, from multiply-adds and one fast exp2 and reciprocal.
+
+    max(x, 0) + log1p(e) with e = exp(-|x|) in (0, 1] and log1p(e) = 2 atanh(s), s = e / (2 + e) <= 1/3,
+    whose odd series to s^17 converges to 1e-8 and keeps full precision for small e (no rounding of
+    1 + e), where a full-precision log and division took four times the instructions.
+    """
+    e = tl.exp2(tl.abs(x) * -1.4426950408889634)
+    s = tl.fdiv(e, 2.0 + e)
+    s2 = s * s
+    series = 1.0 / 17.0
+    for k in tl.static_range(15, 0, -2):
+        series = series * s2 + 1.0 / k
+    return tl.maximum(x, 0.0) + 2.0 * s * series
+
+
+@triton.jit
+def _sigmoid(x):
+    """1 / (1 + exp(-x)) with the fast exp2 and reciprocal (tl.sigmoid divides at full precision)."""
+    return tl.fdiv(1.0, 1.0 + tl.exp2(x * -1.4426950408889634))
 
 
 # Tiles are 4-D: (time, state_high, channel, state_low), state n = state_high * N_LOW + state_low.
@@ -67,19 +80,17 @@ def _pick(x, offs_local, index: tl.constexpr):
 
 @triton.jit
 def _states_in_chunk(decay, inp, h0, local4, BLOCK_T: tl.constexpr):
-    """h_t and h_{t-1} at every step of a chunk that starts from state h0, as (T, NH, D, NL) tiles.
+    """h_t at every step of a chunk that starts from state h0, as a (T, NH, D, NL) tile.
 
     A plain loop over the chunk's steps: time is inside each thread, so every pick and placement below
     is a choice of registers, resolved when the kernel is compiled.
     """
     states = tl.zeros(decay.shape, tl.float32)
-    h_prev = tl.zeros(decay.shape, tl.float32)
     h = h0
     for i in tl.static_range(BLOCK_T):
-        h_prev = tl.where(local4 == i, h, h_prev)
         h = _pick(decay, local4, i) * h + _pick(inp, local4, i)
         states = tl.where(local4 == i, h, states)
-    return states, h_prev
+    return states
 
 
 @triton.jit
@@ -96,6 +107,26 @@ def _state_grads_in_chunk(decay, dyC, k_next, local4, BLOCK_T: tl.constexpr):
         g = tl.where(local4 == i, g_i, g)
         k = _pick(decay, local4, i) * g_i
     return g, k
+
+
+@triton.jit
+def _state_grads_and_q_in_chunk(decay, dyC, k_next, states, h0, local4, BLOCK_T: tl.constexpr):
+    """_state_grads_in_chunk's g and a_0 g_0, and q_t = a_t g_t h_{t-1} at every step of the chunk.
+
+    h_{t-1} is the state one step before (h0 at the chunk's first step), picked from the registers the
+    states occupy, and a_t g_t is the recurrence's own product: no (T, NH, D, NL) tile of h_{t-1} or of
+    the decays has to live past this loop (registers).
+    """
+    g = tl.zeros(decay.shape, tl.float32)
+    q = tl.zeros(decay.shape, tl.float32)
+    k = k_next
+    for i in tl.static_range(BLOCK_T - 1, -1, -1):
+        g_i = _pick(dyC, local4, i) + k
+        g = tl.where(local4 == i, g_i, g)
+        k = _pick(decay, local4, i) * g_i
+        h_prev = _pick(states, local4, i - 1) if i > 0 else h0
+        q = tl.where(local4 == i, k * h_prev, q)
+    return g, k, q
 
 
 @triton.jit
@@ -295,7 +326,7 @@ def _states_over_chunks(h, c_begin, c_end, u_ptr, delta_ptr, B_ptr, bias, A2, of
                                       mask_d, mask_n, s_ul, s_ud, s_dl, s_dd, s_bl, s_bn, N_HIGH, N_LOW)
         decay, inp, dt, raw, u, Bt = _decay_and_input(raw2, u2, B3, bias, A2, mask_t, mask_d, SOFTPLUS, N_HIGH,
                                                       N_LOW)
-        states, _ = _states_in_chunk(decay, inp, h, local4, BLOCK_T)
+        states = _states_in_chunk(decay, inp, h, local4, BLOCK_T)
         # Padding steps are the identity, so the chunk's last slot holds the state after its last real step.
         h = _pick(states, local4, BLOCK_T - 1)
         if SUM_DT:
@@ -380,13 +411,13 @@ def _scan_fwd_kernel(
                                                    s_cn, s_zl, s_zd, HAS_Z, N_HIGH, N_LOW)
         decay, inp, dt, raw, u, Bt = _decay_and_input(raw2, u2, B3, bias, A2, mask_t, mask_d, SOFTPLUS, N_HIGH,
                                                       N_LOW)
-        states, _ = _states_in_chunk(decay, inp, h, local4, BLOCK_T)
+        states = _states_in_chunk(decay, inp, h, local4, BLOCK_T)
         y = _sum_states(states * C3[:, :, None, :])
         if HAS_D:
             y += Dv * u
         if HAS_Z:
             z = z2[:, None, :, None]
-            y *= z * tl.sigmoid(z)
+            y *= z * _sigmoid(z)
         _store_td(out_ptr, y, offs_t, offs_d, mask_t, mask_d, s_ol, s_od)
         # Padding steps are the identity, so the chunk's last slot holds the state after its last real step.
         h = _pick(states, local4, BLOCK_T - 1)
@@ -425,7 +456,7 @@ def _segment_summary_bwd_kernel(
         dy = _raw_td(dout_ptr, offs_t, offs_d, mask_t, mask_d, s_gl, s_gd)[:, None, :, None]
         if HAS_Z:
             z = _raw_td(z_ptr, offs_t, offs_d, mask_t, mask_d, s_zl, s_zd)[:, None, :, None]
-            dy = dy * z * tl.sigmoid(z)
+            dy = dy * z * _sigmoid(z)
         # Only the decay is used (raw and C stand in for u and B).
         decay, inp, dt, raw4, u4, Bt = _decay_and_input(raw, raw, C3, bias, A2, mask_t, mask_d, SOFTPLUS, N_HIGH,
                                                         N_LOW)
@@ -514,9 +545,8 @@ def _scan_bwd_kernel(
         n_h0 = tl.load(chunk_h0_ptr + offs_h0, mask=offs_h0 >= 0, other=0.0)
         decay, inp, dt, raw, u, Bt = _decay_and_input(raw2, u2, B3, bias, A2, mask_t, mask_d, SOFTPLUS, N_HIGH,
                                                       N_LOW)
-        # h_t and h_{t-1} for every step of the chunk.  (Recovering h_{t-1} as (h_t - input_t) / decay_t
-        # would divide by decays that underflow to zero.)
-        states, h_prev = _states_in_chunk(decay, inp, h0, local4, BLOCK_T)
+        # h_t for every step of the chunk.
+        states = _states_in_chunk(decay, inp, h0, local4, BLOCK_T)
 
         Ct = C3[:, :, None, :]
         dy = dy2[:, None, :, None]
@@ -525,7 +555,7 @@ def _scan_bwd_kernel(
             if HAS_D:
                 y += Dv * u
             z = z2[:, None, :, None]
-            sig = tl.sigmoid(z)
+            sig = _sigmoid(z)
             dz = dy * y * sig * (1.0 + z * (1.0 - sig))  # silu'(z) = sig (1 + z (1 - sig))
             _store_td(dz_ptr, dz, offs_t, offs_d, mask_t, mask_d, s_dzl, s_dzd)
             dy = dy * z * sig
@@ -534,7 +564,7 @@ def _scan_bwd_kernel(
 
         # Backwards through the chunk: g_t = dy_t C_t + k_{t+1} with k_t = a_t g_t; k_next is k at the
         # following chunk's first step.
-        g, k_next = _state_grads_in_chunk(decay, dy * Ct, k_next, local4, BLOCK_T)
+        g, k_next, q = _state_grads_and_q_in_chunk(decay, dy * Ct, k_next, states, h0, local4, BLOCK_T)
 
         tn_offsets = offs_t[:, None] * N + offs_n[None, :]
         mask_tn = mask_t[:, None] & mask_n[None, :]
@@ -543,7 +573,6 @@ def _scan_bwd_kernel(
         tl.atomic_add(dC_ptr + tn_offsets, dC, mask=mask_tn, sem="relaxed")
         dB = tl.reshape(tl.sum(g * (dt * u), axis=2), (BLOCK_T, N_HIGH * N_LOW))
         tl.atomic_add(dB_ptr + tn_offsets, dB, mask=mask_tn, sem="relaxed")
-        q = decay * g * h_prev  # = g_t a_t h_{t-1}
         dA_acc += tl.sum(q * dt, axis=0, keep_dims=True)
         dx = _sum_states(g * Bt)
         d_dt = _sum_states(q * A) + dx * u
@@ -551,7 +580,7 @@ def _scan_bwd_kernel(
         if HAS_D:
             du += dy * Dv
         if SOFTPLUS:
-            d_dt = d_dt * tl.sigmoid(raw)  # softplus' = sigmoid
+            d_dt = d_dt * _sigmoid(raw)  # softplus' = sigmoid
         _store_td(du_ptr, du, offs_t, offs_d, mask_t, mask_d, s_dul, s_dud)
         _store_td(ddelta_ptr, d_dt, offs_t, offs_d, mask_t, mask_d, s_ddl, s_ddd)
         c -= 1
@@ -563,23 +592,38 @@ def _scan_bwd_kernel(
 
 
 def launch_config(d, n, L, batch=None):
-    """(BLOCK_D, BLOCK_T, num_warps, segments) for a shape, from the tilings timed on an H100
-    (benchmarks/NOTES.md).
+    """(BLOCK_D, BLOCK_T, num_warps, segments, forward BLOCK_D, forward num_warps) for a shape, from the
+    tilings timed on an H100 (benchmarks/NOTES.md).
 
-    One warp per program, chunks of 4 steps, 8 channels: the fastest at (2048, 200), (256, 512) and
-    (64, 2048) with d_inner 128 and d_state 32.  Where that gives too few programs to fill the GPU
-    (small batches), long sequences are cut into time segments (see _segment_summary_fwd_kernel)
-    until there are about TARGET_PROGRAMS programs, each segment at least MIN_SEGMENT_CHUNKS chunks
-    long; short ones get 4 channels per program instead.
+    The backward: one warp per program, chunks of 4 steps, 8 channels: the fastest at (2048, 200),
+    (256, 512) and (64, 2048) with d_inner 128 and d_state 32.  Where that gives too few programs to
+    fill the GPU (small batches), long sequences are cut into time segments (see
+    _segment_summary_fwd_kernel) until there are about TARGET_PROGRAMS programs, each segment at least
+    MIN_SEGMENT_CHUNKS chunks long; short ones get 4 channels per program instead.
+
+    The forward keeps half the backward's registers live, so its programs take more channels: 32 on
+    two warps where that still gives TARGET_PROGRAMS programs (large batches), else 16 on one.  Its
+    chunks and segments are the backward's (the backward reuses the forward's segment summaries).
     """
     block_t = min(4, triton.next_power_of_2(L))
-    programs = (batch or TARGET_PROGRAMS) * triton.cdiv(d, 8)
+    rows = batch or TARGET_PROGRAMS
+    forward = (32, 2) if rows * triton.cdiv(d, 32) >= TARGET_PROGRAMS else (16, 1)
+    programs = rows * triton.cdiv(d, 8)
     if programs >= TARGET_PROGRAMS // 4:
-        return 8, block_t, 1, 1
+        return (8, block_t, 1, 1) + forward
     max_segments = triton.cdiv(L, block_t) // MIN_SEGMENT_CHUNKS
     if max_segments >= 2:
-        return 8, block_t, 1, min(triton.cdiv(TARGET_PROGRAMS, programs), max_segments)
-    return 4, block_t, 1, 1
+        return (8, block_t, 1, min(triton.cdiv(TARGET_PROGRAMS, programs), max_segments)) + forward
+    return (4, block_t, 1, 1) + forward
+
+
+def _full_config(config):
+    """A config of 3 to 6 values (see launch_config) with the defaults filled in: one segment, and the
+    forward tiled as the backward."""
+    block_d, block_t, warps, *rest = config
+    segments = rest[0] if rest else 1
+    fwd_block_d, fwd_warps = rest[1:3] if len(rest) >= 3 else (block_d, warps)
+    return block_d, block_t, warps, segments, fwd_block_d, fwd_warps
 
 
 # Programs that fill an H100 with one-warp programs, and the shortest segment worth its extra work.
@@ -617,24 +661,25 @@ class _TritonSelectiveScan(torch.autograd.Function):
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, config):
         batch, d, L = u.shape
         n = A.shape[1]
-        block_d, block_t, warps, *rest = config or launch_config(d, n, L, batch)
-        n_seg, seg_chunks = _segments(L, block_t, rest[0] if rest else 1)
+        config = _full_config(config or launch_config(d, n, L, batch))
+        block_d, block_t, warps, segments, fwd_block_d, fwd_warps = config
+        n_seg, seg_chunks = _segments(L, block_t, segments)
         n_high, n_low = state_split(n)
-        d_blocks = triton.cdiv(d, block_d)
+        fwd_blocks = triton.cdiv(d, fwd_block_d)
         out = _channels_last(batch, d, L, u)
         last = torch.empty((batch, d, n), device=u.device, dtype=torch.float32) if return_last_state else out
         dummy = u  # stands in for absent optional tensors (never read: the flags are off)
         # Segment summaries: each one's last state from zero (batch, segments, d, n) and sum of dt.
         hloc = torch.empty((batch, n_seg, d, n), device=u.device, dtype=torch.float32) if n_seg > 1 else dummy
         sdt = torch.empty((batch, n_seg, d), device=u.device, dtype=torch.float32) if n_seg > 1 else dummy
-        flags = dict(HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), BLOCK_D=block_d, N_HIGH=n_high,
-                     N_LOW=n_low, BLOCK_T=block_t, num_warps=warps)
+        flags = dict(HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), BLOCK_D=fwd_block_d,
+                     N_HIGH=n_high, N_LOW=n_low, BLOCK_T=block_t, num_warps=fwd_warps)
         bias = delta_bias if delta_bias is not None else dummy
         if n_seg > 1:
-            _segment_summary_fwd_kernel[(batch, d_blocks, n_seg)](
+            _segment_summary_fwd_kernel[(batch, fwd_blocks, n_seg)](
                 u, delta, A, B, bias, hloc, sdt, L, d, n, seg_chunks,
                 *u.stride(), *delta.stride(), *B.stride(), **flags)
-        _scan_fwd_kernel[(batch, d_blocks, n_seg)](
+        _scan_fwd_kernel[(batch, fwd_blocks, n_seg)](
             u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
             bias, out, last, hloc, sdt,
             L, d, n, seg_chunks,
@@ -708,8 +753,8 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
 
     Inputs may be float32, float16 or bfloat16 and non-contiguous along any axis (strides are
     passed to the kernels); the arithmetic is float32 and the output has u's dtype. A must be real
-    (d, n) and B, C (batch, n, L). ``config`` = (BLOCK_D, BLOCK_T, num_warps[, segments]) overrides
-    :func:`launch_config` (for benchmarks and tests).
+    (d, n) and B, C (batch, n, L). ``config`` = (BLOCK_D, BLOCK_T, num_warps[, segments[, forward
+    BLOCK_D, forward num_warps]]) overrides :func:`launch_config` (for benchmarks and tests).
     With ``return_last_state`` returns ``(out, last_state)``, last_state (batch, d, n) float32, not
     differentiated.
     """
