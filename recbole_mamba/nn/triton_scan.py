@@ -189,17 +189,21 @@ def _decay_and_input(raw, u, Bt, bias, A2, mask_t, mask_d, SOFTPLUS: tl.constexp
                      N_LOW: tl.constexpr):
     """exp(dt A) and dt u B of a chunk, (T, NH, D, NL) tiles, from its delta and u, (T, D), and B, (T, NH, NL).
 
-    Also dt, the pre-softplus value and u, (T, 1, D, 1), and B_t, (T, NH, 1, NL).  dt = 0 at padding
-    steps and channels, which makes them the identity (decay 1, input 0).
+    Also dt, u and dt u, (T, 1, D, 1), B_t, (T, NH, 1, NL), and d dt / d delta, (T, 1, D, 1) (1.0 without
+    softplus).  dt = 0 at padding steps and channels, which makes them the identity (decay 1, input 0).
+    The per-(time, channel) arithmetic runs on the (T, D) tiles as loaded, one value per thread, before
+    they are spread over the (T, NH, D, NL) layout, where each would be computed once per state lane.
     """
-    raw = raw[:, None, :, None] + bias
+    raw = raw + bias[None, :]
     dt = _softplus(raw) if SOFTPLUS else raw
-    dt = tl.where(_as_tile(mask_t, 0, N_HIGH, N_LOW) & _as_tile(mask_d, 2, N_HIGH, N_LOW), dt, 0.0)
-    u = u[:, None, :, None]
+    dt = tl.where(mask_t[:, None] & mask_d[None, :], dt, 0.0)
+    slope = _sigmoid(raw)[:, None, :, None] if SOFTPLUS else 1.0  # softplus' = sigmoid
+    dtu = (dt * u)[:, None, :, None]
+    dt = dt[:, None, :, None]
     Bt = Bt[:, :, None, :]
     decay = tl.exp2(dt * A2)
-    inp = (dt * u) * Bt
-    return decay, inp, dt, raw, u, Bt
+    inp = dtu * Bt
+    return decay, inp, dt, u[:, None, :, None], dtu, Bt, slope
 
 
 @triton.jit
@@ -214,13 +218,13 @@ def _channel_state_tiles(offs_d, offs_n, mask_d, mask_n, N_HIGH: tl.constexpr, N
 @triton.jit
 def _channel_params(A_ptr, bias_ptr, D_ptr, offs_d, offs_n, mask_d, mask_n, N, HAS_BIAS: tl.constexpr,
                     HAS_D: tl.constexpr, N_HIGH: tl.constexpr, N_LOW: tl.constexpr):
-    """A and A * log2(e) as (1, NH, D, NL), delta_bias and D as (1, 1, D, 1), float32.
+    """A and A * log2(e) as (1, NH, D, NL), delta_bias as (D,) and D as (1, 1, D, 1), float32.
 
     exp(dt A) = exp2(dt A2); padded states get A = 0 (decay 1, input 0); absent bias and D are zeros.
     """
     d4, n4, mask_d4, mask_dn4 = _channel_state_tiles(offs_d, offs_n, mask_d, mask_n, N_HIGH, N_LOW)
     A = tl.load(A_ptr + d4 * N + n4, mask=mask_dn4, other=0.0).to(tl.float32)
-    bias = tl.load(bias_ptr + d4, mask=mask_d4, other=0.0).to(tl.float32) if HAS_BIAS else 0.0 * d4
+    bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) if HAS_BIAS else 0.0 * offs_d
     Dv = tl.load(D_ptr + d4, mask=mask_d4, other=0.0).to(tl.float32) if HAS_D else 0.0 * d4
     return A, A * 1.4426950408889634, bias, Dv
 
@@ -324,8 +328,8 @@ def _states_over_chunks(h, c_begin, c_end, u_ptr, delta_ptr, B_ptr, bias, A2, of
         raw2, u2, B3 = n_raw, n_u, n_B
         n_raw, n_u, n_B = _scan_loads(u_ptr, delta_ptr, B_ptr, offs_t + BLOCK_T, offs_d, offs_n, offs_t + BLOCK_T < L,
                                       mask_d, mask_n, s_ul, s_ud, s_dl, s_dd, s_bl, s_bn, N_HIGH, N_LOW)
-        decay, inp, dt, raw, u, Bt = _decay_and_input(raw2, u2, B3, bias, A2, mask_t, mask_d, SOFTPLUS, N_HIGH,
-                                                      N_LOW)
+        decay, inp, dt, u, dtu, Bt, slope = _decay_and_input(raw2, u2, B3, bias, A2, mask_t, mask_d, SOFTPLUS,
+                                                             N_HIGH, N_LOW)
         states = _states_in_chunk(decay, inp, h, local4, BLOCK_T)
         # Padding steps are the identity, so the chunk's last slot holds the state after its last real step.
         h = _pick(states, local4, BLOCK_T - 1)
@@ -409,15 +413,14 @@ def _scan_fwd_kernel(
         n_raw, n_u, n_B, n_C, n_z = _forward_loads(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, offs_next, offs_d, offs_n,
                                                    mask_next, mask_d, mask_n, s_ul, s_ud, s_dl, s_dd, s_bl, s_bn, s_cl,
                                                    s_cn, s_zl, s_zd, HAS_Z, N_HIGH, N_LOW)
-        decay, inp, dt, raw, u, Bt = _decay_and_input(raw2, u2, B3, bias, A2, mask_t, mask_d, SOFTPLUS, N_HIGH,
-                                                      N_LOW)
+        decay, inp, dt, u, dtu, Bt, slope = _decay_and_input(raw2, u2, B3, bias, A2, mask_t, mask_d, SOFTPLUS,
+                                                             N_HIGH, N_LOW)
         states = _states_in_chunk(decay, inp, h, local4, BLOCK_T)
         y = _sum_states(states * C3[:, :, None, :])
         if HAS_D:
             y += Dv * u
         if HAS_Z:
-            z = z2[:, None, :, None]
-            y *= z * _sigmoid(z)
+            y *= (z2 * _sigmoid(z2))[:, None, :, None]  # silu(z), on the (T, D) tile as loaded
         _store_td(out_ptr, y, offs_t, offs_d, mask_t, mask_d, s_ol, s_od)
         # Padding steps are the identity, so the chunk's last slot holds the state after its last real step.
         h = _pick(states, local4, BLOCK_T - 1)
@@ -453,14 +456,14 @@ def _segment_summary_bwd_kernel(
         mask_t = offs_t < L
         raw = _raw_td(delta_ptr, offs_t, offs_d, mask_t, mask_d, s_dl, s_dd)
         C3 = _raw_tn(C_ptr, offs_t, offs_n, mask_t, mask_n, s_cl, s_cn, N_HIGH, N_LOW)
-        dy = _raw_td(dout_ptr, offs_t, offs_d, mask_t, mask_d, s_gl, s_gd)[:, None, :, None]
+        dy = _raw_td(dout_ptr, offs_t, offs_d, mask_t, mask_d, s_gl, s_gd)
         if HAS_Z:
-            z = _raw_td(z_ptr, offs_t, offs_d, mask_t, mask_d, s_zl, s_zd)[:, None, :, None]
+            z = _raw_td(z_ptr, offs_t, offs_d, mask_t, mask_d, s_zl, s_zd)
             dy = dy * z * _sigmoid(z)
         # Only the decay is used (raw and C stand in for u and B).
-        decay, inp, dt, raw4, u4, Bt = _decay_and_input(raw, raw, C3, bias, A2, mask_t, mask_d, SOFTPLUS, N_HIGH,
-                                                        N_LOW)
-        g, k = _state_grads_in_chunk(decay, dy * C3[:, :, None, :], k, local4, BLOCK_T)
+        decay, inp, dt, u4, dtu, Bt, slope = _decay_and_input(raw, raw, C3, bias, A2, mask_t, mask_d, SOFTPLUS,
+                                                              N_HIGH, N_LOW)
+        g, k = _state_grads_in_chunk(decay, dy[:, None, :, None] * C3[:, :, None, :], k, local4, BLOCK_T)
         c -= 1
     d4, n4, mask_d4, mask_dn4 = _channel_state_tiles(offs_d, offs_n, mask_d, mask_n, N_HIGH, N_LOW)
     tl.store(klocal_ptr + ((b * tl.num_programs(2) + seg) * DIM + d4) * N + n4, k, mask=mask_dn4)
@@ -543,22 +546,22 @@ def _scan_bwd_kernel(
                                                        N_LOW)
         offs_h0 = (c - 1 - c_begin) * tile_size + tile_index  # negative at the segment's first chunk
         n_h0 = tl.load(chunk_h0_ptr + offs_h0, mask=offs_h0 >= 0, other=0.0)
-        decay, inp, dt, raw, u, Bt = _decay_and_input(raw2, u2, B3, bias, A2, mask_t, mask_d, SOFTPLUS, N_HIGH,
-                                                      N_LOW)
+        decay, inp, dt, u, dtu, Bt, slope = _decay_and_input(raw2, u2, B3, bias, A2, mask_t, mask_d, SOFTPLUS,
+                                                             N_HIGH, N_LOW)
         # h_t for every step of the chunk.
         states = _states_in_chunk(decay, inp, h0, local4, BLOCK_T)
 
         Ct = C3[:, :, None, :]
-        dy = dy2[:, None, :, None]
         if HAS_Z:
             y = _sum_states(states * Ct)
             if HAS_D:
                 y += Dv * u
-            z = z2[:, None, :, None]
-            sig = _sigmoid(z)
-            dz = dy * y * sig * (1.0 + z * (1.0 - sig))  # silu'(z) = sig (1 + z (1 - sig))
+            # On the (T, D) tiles as loaded: silu'(z) = sig (1 + z (1 - sig)), and the gradient through the gate.
+            sig = _sigmoid(z2)
+            dz = y * (dy2 * sig * (1.0 + z2 * (1.0 - sig)))[:, None, :, None]
             _store_td(dz_ptr, dz, offs_t, offs_d, mask_t, mask_d, s_dzl, s_dzd)
-            dy = dy * z * sig
+            dy2 = dy2 * z2 * sig
+        dy = dy2[:, None, :, None]
         if HAS_D:
             dD_acc += tl.sum(dy * u, axis=0, keep_dims=True)
 
@@ -571,7 +574,7 @@ def _scan_bwd_kernel(
         dC = tl.reshape(tl.sum(dy * states, axis=2), (BLOCK_T, N_HIGH * N_LOW))
         # Relaxed: the sums need no ordering, and the default (acq_rel) fences every add and empties L1.
         tl.atomic_add(dC_ptr + tn_offsets, dC, mask=mask_tn, sem="relaxed")
-        dB = tl.reshape(tl.sum(g * (dt * u), axis=2), (BLOCK_T, N_HIGH * N_LOW))
+        dB = tl.reshape(tl.sum(g * dtu, axis=2), (BLOCK_T, N_HIGH * N_LOW))
         tl.atomic_add(dB_ptr + tn_offsets, dB, mask=mask_tn, sem="relaxed")
         dA_acc += tl.sum(q * dt, axis=0, keep_dims=True)
         dx = _sum_states(g * Bt)
@@ -579,8 +582,7 @@ def _scan_bwd_kernel(
         du = dx * dt
         if HAS_D:
             du += dy * Dv
-        if SOFTPLUS:
-            d_dt = d_dt * _sigmoid(raw)  # softplus' = sigmoid
+        d_dt = d_dt * slope
         _store_td(du_ptr, du, offs_t, offs_d, mask_t, mask_d, s_dul, s_dud)
         _store_td(ddelta_ptr, d_dt, offs_t, offs_d, mask_t, mask_d, s_ddl, s_ddd)
         c -= 1
