@@ -94,28 +94,16 @@ def _states_in_chunk(decay, inp, h0, local4, BLOCK_T: tl.constexpr):
 
 
 @triton.jit
-def _state_grads_in_chunk(decay, dyC, k_next, local4, BLOCK_T: tl.constexpr):
-    """g_t = dyC_t + a_{t+1} g_{t+1} at every step of a chunk, walking it backwards, and a_0 g_0.
+def _state_grads_in_chunk(decay, dyC, k_next, states, h0, local4, BLOCK_T: tl.constexpr):
+    """g_t = dyC_t + a_{t+1} g_{t+1} at every step of a chunk, walking it backwards, a_0 g_0, and
+    q_t = a_t g_t h_{t-1}.
 
     ``k_next`` is a g at the step after the chunk times its decay.  (A reverse ``tl.associative_scan``
-    computes the same, but Triton lowers it with hundreds of lane shuffles per chunk.)
-    """
-    g = tl.zeros(decay.shape, tl.float32)
-    k = k_next
-    for i in tl.static_range(BLOCK_T - 1, -1, -1):
-        g_i = _pick(dyC, local4, i) + k
-        g = tl.where(local4 == i, g_i, g)
-        k = _pick(decay, local4, i) * g_i
-    return g, k
-
-
-@triton.jit
-def _state_grads_and_q_in_chunk(decay, dyC, k_next, states, h0, local4, BLOCK_T: tl.constexpr):
-    """_state_grads_in_chunk's g and a_0 g_0, and q_t = a_t g_t h_{t-1} at every step of the chunk.
-
-    h_{t-1} is the state one step before (h0 at the chunk's first step), picked from the registers the
-    states occupy, and a_t g_t is the recurrence's own product: no (T, NH, D, NL) tile of h_{t-1} or of
-    the decays has to live past this loop (registers).
+    computes the same, but Triton lowers it with hundreds of lane shuffles per chunk.)  h_{t-1} is the
+    state one step before (h0 at the chunk's first step), picked from the registers ``states``
+    occupies, and a_t g_t is the recurrence's own product: no (T, NH, D, NL) tile of h_{t-1} or of the
+    decays has to live past this loop (registers).  Callers that need no q pass any tiles of the
+    right shapes as ``states`` and ``h0``: the compiler drops what is not used.
     """
     g = tl.zeros(decay.shape, tl.float32)
     q = tl.zeros(decay.shape, tl.float32)
@@ -463,7 +451,8 @@ def _segment_summary_bwd_kernel(
         # Only the decay is used (raw and C stand in for u and B).
         decay, inp, dt, u4, dtu, Bt, slope = _decay_and_input(raw, raw, C3, bias, A2, mask_t, mask_d, SOFTPLUS,
                                                               N_HIGH, N_LOW)
-        g, k = _state_grads_in_chunk(decay, dy[:, None, :, None] * C3[:, :, None, :], k, local4, BLOCK_T)
+        g, k, _ = _state_grads_in_chunk(decay, dy[:, None, :, None] * C3[:, :, None, :], k, decay, k, local4,
+                                        BLOCK_T)
         c -= 1
     d4, n4, mask_d4, mask_dn4 = _channel_state_tiles(offs_d, offs_n, mask_d, mask_n, N_HIGH, N_LOW)
     tl.store(klocal_ptr + ((b * tl.num_programs(2) + seg) * DIM + d4) * N + n4, k, mask=mask_dn4)
@@ -567,7 +556,7 @@ def _scan_bwd_kernel(
 
         # Backwards through the chunk: g_t = dy_t C_t + k_{t+1} with k_t = a_t g_t; k_next is k at the
         # following chunk's first step.
-        g, k_next, q = _state_grads_and_q_in_chunk(decay, dy * Ct, k_next, states, h0, local4, BLOCK_T)
+        g, k_next, q = _state_grads_in_chunk(decay, dy * Ct, k_next, states, h0, local4, BLOCK_T)
 
         tn_offsets = offs_t[:, None] * N + offs_n[None, :]
         mask_tn = mask_t[:, None] & mask_n[None, :]
