@@ -100,6 +100,7 @@ def test_long_sequences_in_small_batches_get_segments():
 def test_forward_takes_wider_tiles_where_the_batch_fills_the_gpu():
     assert triton_scan.launch_config(128, 32, 200, 2048)[4:] == (32, 2)
     assert triton_scan.launch_config(128, 32, 8192, 16)[4:] == (16, 1)
+    assert triton_scan.launch_config(128, 64, 200, 2048)[4:] == (8, 1)  # more states: as the backward
 
 
 @pytest.mark.parametrize("L,config", [(9, (2, 4, 1, 1, 8, 2)), (19, (2, 4, 1, 3, 4, 1)), (11, (8, 1, 1, 11, 2, 1))])

@@ -593,19 +593,25 @@ def launch_config(d, n, L, batch=None):
     MIN_SEGMENT_CHUNKS chunks long; short ones get 4 channels per program instead.
 
     The forward keeps half the backward's registers live, so its programs take more channels: 32 on
-    two warps where that still gives TARGET_PROGRAMS programs (large batches), else 16 on one.  Its
+    two warps where that still gives TARGET_PROGRAMS programs (large batches), else 16 on one (timed
+    with up to 32 states; with more, which fill its registers, it is tiled as the backward).  Its
     chunks and segments are the backward's (the backward reuses the forward's segment summaries).
     """
     block_t = min(4, triton.next_power_of_2(L))
     rows = batch or TARGET_PROGRAMS
-    forward = (32, 2) if rows * triton.cdiv(d, 32) >= TARGET_PROGRAMS else (16, 1)
     programs = rows * triton.cdiv(d, 8)
-    if programs >= TARGET_PROGRAMS // 4:
-        return (8, block_t, 1, 1) + forward
     max_segments = triton.cdiv(L, block_t) // MIN_SEGMENT_CHUNKS
-    if max_segments >= 2:
-        return (8, block_t, 1, min(triton.cdiv(TARGET_PROGRAMS, programs), max_segments)) + forward
-    return (4, block_t, 1, 1) + forward
+    if programs >= TARGET_PROGRAMS // 4:
+        block_d, segments = 8, 1
+    elif max_segments >= 2:
+        block_d, segments = 8, min(triton.cdiv(TARGET_PROGRAMS, programs), max_segments)
+    else:
+        block_d, segments = 4, 1
+    if n > 32:
+        forward = (block_d, 1)
+    else:
+        forward = (32, 2) if rows * triton.cdiv(d, 32) >= TARGET_PROGRAMS else (16, 1)
+    return (block_d, block_t, 1, segments) + forward
 
 
 def _full_config(config):
