@@ -109,6 +109,12 @@ def test_forward_tiling_apart_from_the_backward(L, config):
     compare(make_inputs(2, 5, 4, L), config=config)
 
 
+@pytest.mark.parametrize("config", [(8, 4), (8, 4, 1, 1, 32), (8, 4, 1, 1, 32, 2, 0)])
+def test_configs_of_the_wrong_length_are_refused(config):
+    with pytest.raises(ValueError, match="3, 4 or 6 values"):
+        triton_scan.selective_scan_triton(**make_inputs(1, 2, 2, 3), config=config)
+
+
 @pytest.mark.parametrize("scratch_bytes", [1, 600])
 def test_backward_in_batch_slices(monkeypatch, scratch_bytes):
     """A scratch budget below the batch's: the backward runs slice by slice (1 row, then 2 + 1 rows)."""

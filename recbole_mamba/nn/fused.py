@@ -8,8 +8,7 @@ each group (and one for its backward); see ``benchmarks/results/fused_ops.md``.
 
 Each function is its plain PyTorch twin when not training on a CUDA device (evaluation, the CPU)
 or for small batches (``MIN_FUSED_ROWS``), and falls back to it, with one warning, where
-compilation fails. ``TORCH_COMPILE_DISABLE=1``
-turns compilation off.
+compilation fails. ``TORCH_COMPILE_DISABLE=1`` turns compilation off.
 """
 
 import logging
