@@ -21,6 +21,7 @@ from torch import nn
 
 from recbole_mamba.errors import UserInputError
 from recbole_mamba.model.all_positions import AllPositionLosses
+from recbole_mamba.nn.cuda_graph import GraphedTraining
 from recbole_mamba.nn.embedding import embedding_lookup
 from recbole_mamba.nn.fused import dropout_add_layer_norm, gelu_dropout
 from recbole_mamba.nn.mamba_mixer import MambaMixer, check_scan_kernel, resolve_backend
@@ -33,7 +34,9 @@ class Mamba4Rec(AllPositionLosses, SequentialRecommender):
     ``dropout_prob``, ``loss_type`` (CE, BPR, BCE or SampledSoftmax), ``d_state``, ``d_conv``,
     ``expand``, ``mamba_backend`` (auto, cuda or torch), ``scan_kernel`` (auto, mamba_ssm or triton:
     the cuda backend's selective scan), ``negative_sampling``, ``num_negatives``,
-    ``logq_correction``, ``ce_chunk_size``, ``ce_kernel``; and ``train_mode`` (``yaml/overall.yaml``).
+    ``logq_correction``, ``ce_chunk_size``, ``ce_kernel``, ``cuda_graph`` (training steps on a GPU
+    replayed as CUDA graphs, :mod:`recbole_mamba.nn.cuda_graph`); and ``train_mode``
+    (``yaml/overall.yaml``).
     """
 
     def __init__(self, config, dataset):
@@ -42,6 +45,8 @@ class Mamba4Rec(AllPositionLosses, SequentialRecommender):
         self.hidden_size = config["hidden_size"]
         self.num_layers = config["num_layers"]
         self.dropout_prob = config["dropout_prob"]
+        self.cuda_graph = bool(config["cuda_graph"])
+        self._training_graph = None  # built at the first training step on a GPU, when cuda_graph is on
         self.init_losses(config)
         self.backend, description = resolve_backend(config["mamba_backend"], config["device"])
         logging.getLogger().info(f"Mamba backend: {description}")
@@ -80,6 +85,8 @@ class Mamba4Rec(AllPositionLosses, SequentialRecommender):
             value = config[key]
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise UserInputError(f"{key} must be an integer >= 1, got {value!r}.")
+        if config["cuda_graph"] is not None and not isinstance(config["cuda_graph"], bool):
+            raise UserInputError(f"cuda_graph must be true or false, got {config['cuda_graph']!r}.")
         dropout = config["dropout_prob"]
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
             raise UserInputError(f"dropout_prob must be a number in [0, 1), got {dropout!r}.")
@@ -105,8 +112,17 @@ class Mamba4Rec(AllPositionLosses, SequentialRecommender):
         # Amazon sets is mostly padding at length 50, and most ml-1m users at length 8,192).
         # Not when training on a GPU: reading the maximum there waits for all queued work (a
         # host-device sync); in evaluation that wait is small against the columns saved.
+        if self.cuda_graph:
+            if self._training_graph is None:
+                self._training_graph = GraphedTraining(self, self._encode_columns)
+            if self._training_graph.covers(item_seq):
+                return self._training_graph(item_seq)
         if not item_seq.is_cuda or not self.training:
             item_seq = item_seq[:, : int(item_seq_len.max())]
+        return self._encode_columns(item_seq)
+
+    def _encode_columns(self, item_seq):
+        """Hidden states at every column of ``item_seq``."""
         hidden = dropout_add_layer_norm(self.embed(item_seq), None, self.dropout, self.LayerNorm)
         for layer in self.mamba_layers:
             hidden = layer(hidden)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recbole_mamba.errors import UserInputError
+from recbole_mamba.nn import cuda_graph
 from recbole_mamba.nn.selective_scan import selective_scan
 
 BACKENDS = ("auto", "cuda", "torch")
@@ -217,6 +218,19 @@ class MambaMixer(nn.Module):
             _FASTER_SCAN_KERNEL[key] = self._time_scan_kernels(hidden_states, training, key)
         return _FASTER_SCAN_KERNEL[key]
 
+    def scan_kernel_chosen(self, batch, length, training):
+        """The scan kernel this block runs for inputs of ``batch`` x ``length`` (None where ``auto``
+        has not measured that shape yet; "torch" on the torch backend)."""
+        if self.backend != "cuda":
+            return "torch"
+        if self.scan_kernel != "auto" or self._kernels["triton"] is None:
+            return "triton" if self.scan_kernel == "triton" else "mamba_ssm"
+        for key, choice in _FASTER_SCAN_KERNEL.items():
+            if key[:2] == (_power_of_two_at_least(batch), _power_of_two_at_least(length)) and key[5] == training \
+                    and key[6:] == (self.d_inner, self.d_state, self.conv1d.kernel_size[0], self.dt_rank):
+                return choice
+        return None
+
     def _time_scan_kernels(self, hidden_states, training, key):
         """Time this block with each scan kernel on a random input of the same shape; return the faster."""
         generator = torch.Generator(device=hidden_states.device).manual_seed(0)  # the model's RNG is untouched
@@ -232,14 +246,17 @@ class MambaMixer(nn.Module):
             if training:  # gradients returned, not accumulated: the parameters' .grad stays as it was
                 torch.autograd.grad(out, [x, *params], torch.ones_like(out))
 
-        ms = {name: median_cuda_ms(lambda: step(forward)) for name, forward in forwards.items()}
+        # Inside a CUDA graph the host's launch costs vanish: compare the kernels' GPU time alone.
+        as_graph = cuda_graph.building()
+        timer = median_graph_ms if as_graph else median_cuda_ms
+        ms = {name: timer(lambda: step(forward)) for name, forward in forwards.items()}
         choice = min(ms, key=ms.get)
         batch, length, _ = hidden_states.shape
         logging.getLogger().info(
             f"Mamba scan kernel for batch {batch} x length {length} ({'training' if training else 'inference'}; "
             f"kept for batches up to {key[0]} x lengths up to {key[1]}): "
-            f"{choice} (block forward{' + backward' if training else ''}: mamba-ssm {ms['mamba_ssm']:.2f} ms, "
-            f"triton {ms['triton']:.2f} ms)")
+            f"{choice} (block forward{' + backward' if training else ''}{' as a CUDA graph' if as_graph else ''}: "
+            f"mamba-ssm {ms['mamba_ssm']:.2f} ms, triton {ms['triton']:.2f} ms)")
         return choice
 
     def _forward_mamba_ssm(self, hidden_states):
@@ -288,6 +305,21 @@ def median_cuda_ms(fn, warmup=2, reps=5):
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def median_graph_ms(fn, reps=5):
+    """Median milliseconds of ``fn`` captured once as a CUDA graph and replayed: its GPU time without
+    the host's cost of launching its kernels one by one."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # first calls (Triton compilation, lazy initialisation) outside the capture
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return median_cuda_ms(graph.replay, warmup=1, reps=reps)
 
 
 def _contiguous_inputs(scan):
