@@ -79,7 +79,7 @@ def test_outputs_are_causal():
     ({"ffn": None}, "ffn must be true or false, got None"),
     ({"num_layers": 0}, "num_layers must be an integer >= 1, got 0"),
     ({"loss_type": "MSE"}, "loss_type must be one of CE, BPR, BCE, SampledSoftmax, got 'MSE'"),
-    ({"ce_kernel": "fast"}, "ce_kernel must be one of auto, torch, liger, got 'fast'"),
+    ({"ce_kernel": "fast"}, "ce_kernel must be one of auto, torch, liger, triton, got 'fast'"),
     pytest.param({"ce_kernel": "liger"}, "ce_kernel liger: Liger-Kernel's cross entropy runs on CUDA GPUs only, and the device is cpu",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="RecBole picks the GPU where there is one")),
 ])

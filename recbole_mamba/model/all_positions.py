@@ -66,9 +66,9 @@ class AllPositionLosses:
             )
         if config["ce_kernel"] not in losses.CE_KERNELS:
             raise UserInputError(f"ce_kernel must be one of {', '.join(losses.CE_KERNELS)}, got {config['ce_kernel']!r}.")
-        liger_missing = losses.liger_cross_entropy_missing(config["device"])
-        if config["ce_kernel"] == "liger" and liger_missing:
-            raise UserInputError(f"ce_kernel liger: {liger_missing}")
+        for kernel, missing in (("liger", losses.liger_cross_entropy_missing), ("triton", losses.triton_cross_entropy_missing)):
+            if config["ce_kernel"] == kernel and (reason := missing(config["device"])):
+                raise UserInputError(f"ce_kernel {kernel}: {reason}")
         if config["negative_sampling"] not in losses.NEGATIVE_SAMPLING:
             raise UserInputError(
                 f"negative_sampling must be one of {', '.join(losses.NEGATIVE_SAMPLING)}, "
@@ -89,6 +89,9 @@ class AllPositionLosses:
         targets = interaction[self.POS_ITEM_ID][:, : hidden.size(1)]
         positions = torch.arange(hidden.size(1), device=hidden.device)
         is_scored = (positions[None, :] < item_seq_len[:, None]) & (targets > 0)
+        if self.loss_type == "CE" and losses.skips_negative_targets(self.ce_kernel, hidden.device):
+            # Unscored positions marked, not gathered away: no wait for the GPU in the whole step.
+            return self.position_loss(hidden.reshape(-1, hidden.size(-1)), torch.where(is_scored, targets, -1).reshape(-1))
         # One host-device sync (nonzero) for both gathers; index_select's backward needs none.
         scored = is_scored.reshape(-1).nonzero().squeeze(1)
         hidden = hidden.reshape(-1, hidden.size(-1)).index_select(0, scored)

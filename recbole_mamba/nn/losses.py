@@ -6,7 +6,7 @@ here do not know which: the model flattens its positions first.
 
 - :func:`chunked_cross_entropy`: softmax over every item, computed ``chunk_size`` positions at a
   time, so no (N x n_items) logits tensor is ever held (in PyTorch, or in Liger-Kernel's fused
-  Triton kernel on a GPU where it is installed);
+  Triton kernel), or on a GPU by default without any logits in memory (:mod:`recbole_mamba.nn.triton_ce`);
 - :func:`bpr_loss` and :func:`bce_loss`: one score per sampled negative and position;
 - :func:`sampled_softmax_loss`: softmax over the target and negatives shared by all positions,
   with the logQ correction for the probability with which each item was sampled;
@@ -88,15 +88,25 @@ def chunked_cross_entropy(hidden, weight, targets, chunk_size, kernel="auto"):
     """Full-softmax cross entropy of (N, d) ``hidden`` over all rows of ``weight``, averaged over N.
 
     Equals ``F.cross_entropy(hidden @ weight.t(), targets)`` (values and gradients) without
-    materialising the (N, n_items) logits. ``kernel``: ``torch`` (:class:`ChunkedCrossEntropy`),
-    ``liger`` (Liger-Kernel's fused Triton kernel: one pass over each chunk's logits instead of
-    several; CUDA tensors, needs ``liger-kernel``, installed by the ``gpu`` extra) or ``auto``
-    (``liger`` for CUDA tensors where it is installed). Both chunk the positions so that about
-    ``chunk_size`` rows of logits exist at once, in float32.
+    materialising the (N, n_items) logits. ``kernel``:
+
+    - ``torch`` (:class:`ChunkedCrossEntropy`): ``chunk_size`` positions' logits at a time, anywhere;
+    - ``liger``: Liger-Kernel's fused Triton kernel over the same chunks (one pass over each chunk's
+      logits instead of several; CUDA tensors, needs ``liger-kernel``, installed by the ``gpu`` extra);
+    - ``triton`` (:mod:`recbole_mamba.nn.triton_ce`): no logits in memory at all, float32-accurate
+      tensor-core products (CUDA tensors; ``chunk_size`` does not apply; a negative target leaves
+      its position out, see :func:`skips_negative_targets`);
+    - ``auto``: ``triton`` for CUDA tensors where Triton imports, else ``torch``.
     """
     if kernel not in CE_KERNELS:
         raise ValueError(f"kernel must be one of {CE_KERNELS}, got {kernel!r}")
-    if _uses_liger(kernel, hidden.device):
+    chosen = _resolve_kernel(kernel, hidden.device)
+    if chosen == "triton":
+        from recbole_mamba.nn.triton_ce import linear_cross_entropy
+
+        with torch.autocast(device_type="cuda", enabled=False):
+            return linear_cross_entropy(hidden, weight, targets)
+    if chosen == "liger":
         n_positions, dim = hidden.shape
         # Liger sizes its chunks as about chunk_mem_const x N x d logits: ask for chunk_size rows.
         chunk_mem_const = max(1, math.ceil(chunk_size * weight.size(0) / (max(n_positions, 1) * dim)))
@@ -107,7 +117,7 @@ def chunked_cross_entropy(hidden, weight, targets, chunk_size, kernel="auto"):
     return ChunkedCrossEntropy.apply(hidden, weight, targets, int(chunk_size), with_grad)
 
 
-CE_KERNELS = ("auto", "torch", "liger")
+CE_KERNELS = ("auto", "torch", "liger", "triton")
 
 
 def liger_cross_entropy_missing(device):
@@ -119,21 +129,51 @@ def liger_cross_entropy_missing(device):
     return None
 
 
-def _uses_liger(kernel, device):
-    """Whether ``chunked_cross_entropy(kernel=kernel)`` runs Liger's kernel on ``device``; an error
-    where ``liger`` is asked for and cannot run."""
-    if kernel == "torch":
+def triton_cross_entropy_missing(device):
+    """Why the triton CE kernel cannot run on ``device``, or None when it can."""
+    if torch.device(device).type != "cuda":
+        return f"the Triton cross entropy runs on CUDA GPUs only, and the device is {device}."
+    if not _triton_importable():
+        return "triton is not importable (it ships with torch's CUDA builds): use ce_kernel torch or liger."
+    return None
+
+
+@functools.cache
+def _triton_importable():
+    try:
+        import triton  # noqa: F401
+    except ImportError:
         return False
-    missing = liger_cross_entropy_missing(device)
-    if kernel == "liger" and missing:
-        raise RuntimeError(f"kernel 'liger': {missing}")
-    return missing is None
+    return True
+
+
+_MISSING = {"liger": liger_cross_entropy_missing, "triton": triton_cross_entropy_missing}
+
+
+def _resolve_kernel(kernel, device):
+    """The CE implementation ``chunked_cross_entropy(kernel=kernel)`` runs on ``device``: an error
+    where ``liger`` or ``triton`` is asked for and cannot run there."""
+    if kernel == "auto":
+        return "triton" if triton_cross_entropy_missing(device) is None else "torch"
+    if kernel in _MISSING and (missing := _MISSING[kernel](device)):
+        raise RuntimeError(f"kernel '{kernel}': {missing}")
+    return kernel
+
+
+def skips_negative_targets(kernel, device):
+    """Whether ``chunked_cross_entropy(kernel=kernel)`` on ``device`` leaves out the positions whose
+    target is negative (the triton kernel), so that a caller may mark its unscored positions
+    instead of gathering the scored ones: a gather needs their count on the host, a wait for the GPU."""
+    return _resolve_kernel(kernel, device) == "triton"
 
 
 def describe_ce_kernel(kernel, device):
     """The implementation ``chunked_cross_entropy(kernel=kernel)`` uses on ``device``, in words."""
-    if not _uses_liger(kernel, device):
+    chosen = _resolve_kernel(kernel, device)
+    if chosen == "torch":
         return "torch (recbole_mamba.nn.losses.ChunkedCrossEntropy)"
+    if chosen == "triton":
+        return "triton (recbole_mamba.nn.triton_ce, 3xTF32 products)"
     from importlib.metadata import PackageNotFoundError, version
 
     try:
