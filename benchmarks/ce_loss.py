@@ -7,6 +7,8 @@ forward + backward, float32, on one GPU:
 - ``torch``: ``losses.chunked_cross_entropy(kernel="torch")``, the PyTorch chunks (the gradient is
   built while each chunk's logits are in memory);
 - ``liger``: ``losses.chunked_cross_entropy(kernel="liger")``, Liger-Kernel's fused Triton kernel;
+- ``triton``: ``losses.chunked_cross_entropy(kernel="triton")`` (the GPU default), no logits in
+  memory, 3xTF32 products (the same whatever the GEMM setting);
 
 the chunked ones at ``ce_chunk_size`` 4096 (the default) and 16384, each with float32 GEMMs and with TF32 GEMMs (``torch.backends.cuda.matmul.allow_tf32``). Reports
 median ms (CUDA events, after warm-up) and peak memory above the inputs, and the largest
@@ -45,6 +47,7 @@ def implementations():
         for chunk in CHUNKS:
             impls[f"{kernel}, chunks of {chunk}"] = (
                 lambda h, w, t, kernel=kernel, chunk=chunk: losses.chunked_cross_entropy(h, w, t, chunk, kernel))
+    impls["triton (no chunks)"] = lambda h, w, t: losses.chunked_cross_entropy(h, w, t, 4096, "triton")
     return impls
 
 
@@ -93,7 +96,7 @@ def main():
         lines.append(f"| {r['N']} | {r['V']} | {r['d']} | {r['gemm']} | {r['impl']} | {r['ms']:.2f} | {r['peak_mib']:.0f} | "
                      f"{r['loss_diff']:.1e} | {r['grad_diff']:.1e} |")
     _report.write("ce_loss", env, {"rows": rows}, "\n".join(lines), notes=(
-        "Chunks: about that many positions' logits at once (Liger rounds its chunks to a power of two). Median of {args.reps} forward + backward "
+        f"Chunks: about that many positions' logits at once (Liger rounds its chunks to a power of two). Median of {args.reps} forward + backward "
         "passes (CUDA events) after 3 warm-up ones. Peak: torch.cuda.max_memory_allocated() above the inputs. "
         "Differences: against the unchunked loss with the same GEMM precision; gradients relative to the "
         "largest reference entry."))

@@ -17,7 +17,13 @@ so windows of every L are full) and on ml-1m at one long L:
 - per model and L: seconds per training epoch (``torch.cuda.synchronize()`` around the timed
   batches, after one untimed epoch; with ``--max_batches`` or ``--time_limit`` only part of the epoch
   is timed and the epoch time is extrapolated from it, which the results say), tokens per second,
-  peak ``torch.cuda.max_memory_allocated``; running out of memory is caught and recorded.
+  peak memory (``torch.cuda.max_memory_reserved``: what PyTorch holds on the GPU, CUDA graphs'
+  memory included, which ``max_memory_allocated``, also recorded, does not see); running out of
+  memory is caught and recorded;
+- RecMamba's ``cuda_graph`` (on by default: its encoder's training forward and backward replayed
+  as CUDA graphs; ``--cuda_graph=False`` turns it off) and ``scan_kernel`` (which scan ``auto``
+  chose is recorded per row). The attention encoders run eagerly, as RecBole runs SASRec: graphing
+  them did not change their step time at 2,048 (benchmarks/NOTES.md) and raised their memory.
 
 Then RecMamba is trained on ml-1m at ``--accuracy_length`` through ``recbole_mamba.run`` (RecBole's
 Trainer, full-ranking evaluation) for HR@10 / NDCG@10.
@@ -63,14 +69,14 @@ FULL = {
     "lengths": [512, 2048, 8192, 16384], "tokens_per_batch": 65536, "hidden_size": 64, "num_layers": 2,
     "gen_users": 128, "gen_items": 5000, "gen_mean_length": 20000, "ml1m_length": 2048,
     "accuracy_length": 2048, "accuracy_epochs": 30, "warmup_batches": 3, "loss_type": "CE",
-    "profile_length": 2048, "profile_steps": 10, "scan_kernel": "auto",
+    "profile_length": 2048, "profile_steps": 10, "scan_kernel": "auto", "cuda_graph": True,
 }
 # A CPU smoke test of the code: tiny data and model; its numbers mean nothing.
 SMOKE = {
     "lengths": [16, 64], "tokens_per_batch": 256, "hidden_size": 16, "num_layers": 1,
     "gen_users": 6, "gen_items": 80, "gen_mean_length": 150, "ml1m_length": 0,
     "accuracy_length": 64, "accuracy_epochs": 1, "warmup_batches": 1, "max_batches": 2, "loss_type": "CE",
-    "profile_length": 16, "profile_steps": 2, "scan_kernel": "auto",
+    "profile_length": 16, "profile_steps": 2, "scan_kernel": "auto", "cuda_graph": True,
 }
 
 
@@ -94,7 +100,7 @@ def model_settings(args, data_name, length):
         "num_layers": args.num_layers, "train_batch_size": max(1, args.tokens_per_batch // length),
         "eval_batch_size": max(1, args.tokens_per_batch // length), "show_progress": False, "worker": 0,
         "mamba_backend": "auto" if ON_GPU else "torch", "scan_kernel": args.scan_kernel, "log_wandb": False,
-        "loss_type": args.loss_type,
+        "loss_type": args.loss_type, "cuda_graph": args.cuda_graph,
         # Keep every interaction of the generated data (its items are all used by many users).
         **({"user_inter_num_interval": "[0,inf)", "item_inter_num_interval": "[0,inf)"} if args.smoke else {}),
     }
@@ -112,6 +118,8 @@ def build_model(encoder, config, dataset):
         model.mamba_layers = nn.ModuleList([_peers.SASRecEncoder(hidden, layers, 2, 4 * hidden, dropout)])
     elif encoder == "flash-attention transformer":
         model.mamba_layers = nn.ModuleList([_peers.FlashTransformer(hidden, layers, 2, 4 * hidden, dropout)])
+    if encoder != "RecMamba":
+        model.cuda_graph = False
     return model.to(DEVICE)
 
 
@@ -149,7 +157,8 @@ def time_training(model, loader, warmup, max_batches, time_limit, bf16=False):
     stream = batches(BatchPrefetcher(loader, torch.device(DEVICE)))
     for batch in itertools.islice(stream, max(warmup, len(loader))):
         step(batch)
-    if ON_GPU:
+    if ON_GPU:  # the peak is what the timed batches hold: no blocks cached from the untimed epoch
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     epoch_batches = len(loader)
     limit = min(epoch_batches, max_batches or epoch_batches)
@@ -166,8 +175,27 @@ def time_training(model, loader, warmup, max_batches, time_limit, bf16=False):
         "timed_batches": timed, "epoch_batches": epoch_batches, "timed_s": seconds,
         "epoch_s": seconds / timed * epoch_batches, "extrapolated": timed < epoch_batches,
         "tokens_per_s": int(tokens) / seconds, "loss": float(loss),
-        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if ON_GPU else 0.0,
+        "peak_gib": torch.cuda.max_memory_reserved() / 2**30 if ON_GPU else 0.0,
+        "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if ON_GPU else 0.0,
+        "cuda_graph": graph_used(model), "scan_kernel": scan_kernels_used(model, loader),
     }
+
+
+def graph_used(model):
+    """Whether the timed steps replayed the encoder as a CUDA graph."""
+    graph = getattr(model, "_training_graph", None)
+    return graph is not None and graph.built
+
+
+def scan_kernels_used(model, loader):
+    """The selective scan(s) the model's Mamba layers ran on the loader's full batches ('' for
+    attention encoders): the configured kernel, or what ``auto`` measured faster."""
+    from recbole_mamba.nn.mamba_mixer import MambaMixer
+
+    batch, length = loader.config["train_batch_size"], loader.config["MAX_ITEM_LIST_LENGTH"]
+    kernels = {mixer.scan_kernel_chosen(batch, length, training=True)
+               for mixer in model.modules() if isinstance(mixer, MambaMixer)}
+    return ",".join(sorted(k for k in kernels if k))
 
 
 def speed_rows(args, data_name, lengths, rows, write):
@@ -249,15 +277,20 @@ def accuracy_row(args, data_name):
 
 
 def speed_table(rows):
-    lines = ["| data | L | model | dtype | windows / batch | s / epoch | tokens / s | peak GiB | timed batches |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| data | L | model | dtype | windows / batch | CUDA graph | scan | s / epoch | tokens / s | peak GiB (reserved) "
+             "| peak GiB (allocated) | timed batches |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['data']} | {r['length']} | {r['model']} | {r['dtype']} | {r['windows_per_batch']} | {r['error']} | | | |")
+            lines.append(f"| {r['data']} | {r['length']} | {r['model']} | {r['dtype']} | {r['windows_per_batch']} | | | "
+                         f"{r['error']} | | | | |")
             continue
         star = " (extrapolated)" if r["extrapolated"] else ""
-        lines.append(f"| {r['data']} | {r['length']} | {r['model']} | {r['dtype']} | {r['windows_per_batch']} | {r['epoch_s']:.2f}{star} | "
-                     f"{r['tokens_per_s']:,.0f} | {r['peak_gib']:.2f} | {r['timed_batches']} of {r['epoch_batches']} |")
+        graph = {True: "yes", False: "no"}.get(r.get("cuda_graph"), "")
+        allocated = f"{r['peak_allocated_gib']:.2f}" if "peak_allocated_gib" in r else ""
+        lines.append(f"| {r['data']} | {r['length']} | {r['model']} | {r['dtype']} | {r['windows_per_batch']} | {graph} | "
+                     f"{r.get('scan_kernel', '')} | {r['epoch_s']:.2f}{star} | {r['tokens_per_s']:,.0f} | {r['peak_gib']:.2f} | "
+                     f"{allocated} | {r['timed_batches']} of {r['epoch_batches']} |")
     return "\n".join(lines)
 
 
@@ -305,6 +338,12 @@ def generated_data(args):
     return name
 
 
+def _true_or_false(text):
+    if text.lower() not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+    return text.lower() == "true"
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes in a temporary folder (CPU smoke test)")
@@ -322,7 +361,7 @@ def parse_args(argv):
     parser.add_argument("--plot", action="store_true", help="only redraw the PNG from results/<name>.json")
     for key, value in FULL.items():
         if key != "lengths":
-            parser.add_argument(f"--{key}", type=type(value))
+            parser.add_argument(f"--{key}", type=_true_or_false if isinstance(value, bool) else type(value))
     args = parser.parse_args(argv)
     defaults = SMOKE if args.smoke else FULL
     for key, value in defaults.items():
@@ -363,7 +402,11 @@ def main(argv=None):
             f"{generated} is GENERATED data (recbole_mamba.data.generated), not real user behaviour. "
             "Times: torch.cuda.synchronize() around the timed batches, after warm-up batches, data loading "
             "included; an epoch time marked extrapolated is the timed batches' mean x the epoch's batches. "
-            "Peak: torch.cuda.max_memory_allocated() over the timed batches, parameters and optimizer state included."))
+            "Peak: over the timed batches, parameters and optimizer state included; reserved "
+            "(torch.cuda.max_memory_reserved(), after emptying the allocator's cache) counts the memory CUDA graphs "
+            "hold, allocated (max_memory_allocated()) does not. CUDA graph: the encoder's training forward and "
+            "backward replayed as CUDA graphs (RecMamba's cuda_graph; the attention encoders run eagerly); scan: the selective scan "
+            "RecMamba's layers ran (scan_kernel auto picks the faster on the first batch)."))
 
     accuracy_data = generated if args.smoke else "ml-1m"
     if "profile" in parts:
