@@ -55,9 +55,17 @@ def test_matches_float64(n, v, d, precision):
     assert max(errors) < 1e-5, errors
 
 
+def test_launch_config_picks_a_backward_for_every_width():
+    for d in (16, 64, 65, 128, 256):
+        tilings = triton_ce.launch_config(d)
+        assert "forward" in tilings and (("backward" in tilings) != ("grad_hidden" in tilings and "grad_weight" in tilings))
+    assert "backward" in triton_ce.launch_config(64) and "backward" not in triton_ce.launch_config(128)
+
+
 @pytest.mark.parametrize("config", [(32, 32, 4), (64, 128, 4), (128, 64, 8)])
 def test_other_tilings_match(config):
-    # Row slices of the item gradient, and tiles larger than the problem, at other tile sizes.
+    # An explicit config runs the two-kernel backward (the default at d <= 64 is the one-kernel
+    # one): row slices of the item gradient, and tiles larger than the problem.
     errors = against_float64(*problem(300 if ON_GPU else 70, 90, 32), config=config)
     assert max(errors) < 1e-5, errors
 

@@ -13,8 +13,9 @@ those GEMMs are most of an all-position training step. Here no logits tensor exi
   maximum and sum (the log-sum-exp) and the target's logit;
 - backward: the logits are computed again, tile by tile, as softmax minus one-hot, and multiplied
   into the hidden states' gradient (one program per block of rows) and into the item embeddings'
-  gradient (one program per block of items and slice of rows; the slices' partial sums are added
-  afterwards, in a fixed order).
+  gradient: at d <= 64 in one kernel that adds each tile's item gradient with atomics (in no
+  fixed order), else in a second kernel with one program per block of items and slice of rows
+  (the slices' partial sums added afterwards, in a fixed order).
 
 The products use the tensor cores in "3xTF32": each float32 operand is split into a TF32 value and
 a TF32 remainder and three TF32 products are summed, which keeps float32's accuracy (about 1e-6
@@ -124,20 +125,51 @@ def _grad_weight_kernel(h_ptr, w_ptr, t_ptr, lse_ptr, scale_ptr, partial_ptr, N,
              mask=(cols[:, None] < V) & (offs_d[None, :] < D))
 
 
-KERNELS = ("forward", "grad_hidden", "grad_weight")
+KERNELS = ("forward", "backward", "grad_hidden", "grad_weight")
+
+
+@triton.jit
+def _backward_kernel(h_ptr, w_ptr, t_ptr, lse_ptr, scale_ptr, gh_ptr, gw_ptr, N, V, D,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                     PRECISION: tl.constexpr):
+    """Both gradients from one computation of each logits tile: the hidden states' in registers,
+    the item embeddings' added into ``gw_ptr`` with atomics (in no fixed order)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    offs_d = tl.arange(0, BLOCK_D)
+    h = _load_rows(h_ptr, rows, N, D, offs_d)
+    target = tl.load(t_ptr + rows, mask=row_ok, other=-1)
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    scale = tl.load(scale_ptr)
+    grad = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    start = 0
+    while start < V:
+        cols = start + tl.arange(0, BLOCK_N)
+        start += BLOCK_N
+        w = _load_rows(w_ptr, cols, V, D, offs_d)
+        p = _softmax_minus_one_hot(h, w, cols, V, lse, target, row_ok, PRECISION) * scale
+        grad += tl.dot(p, w, input_precision=PRECISION)
+        tl.atomic_add(gw_ptr + cols[:, None].to(tl.int64) * D + offs_d[None, :],
+                      tl.dot(tl.trans(p), h, input_precision=PRECISION),
+                      mask=(cols[:, None] < V) & (offs_d[None, :] < D), sem="relaxed")
+    tl.store(gh_ptr + rows[:, None].to(tl.int64) * D + offs_d[None, :], grad,
+             mask=row_ok[:, None] & (offs_d[None, :] < D))
 
 
 def launch_config(d):
     """{kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages)} for hidden size ``d``.
 
-    At d <= 64 each kernel has the tiling that was fastest for it on an H100 at 65,536 positions x
-    5,000 items (``benchmarks/results/ce_loss.md``); wider rows take 64 x 64 tiles (up to 128) or
-    64 x 32 tiles, which keep a program's operands within the shared memory.
+    At d <= 64 the backward is one kernel (``backward``: both gradients from one computation of
+    each logits tile, the items' added with atomics), and each kernel has the tiling that was
+    fastest on an H100 at 65,536 positions x 5,000 items (``benchmarks/NOTES.md``). Wider rows
+    take the two backward kernels (``grad_hidden``, ``grad_weight``: no atomics, a fixed order)
+    on 64 x 64 tiles (up to 128) or 64 x 32 tiles, which keep a program's operands within the
+    shared memory.
     """
     if d <= 64:
-        return {"forward": (128, 128, 8, 2), "grad_hidden": (128, 64, 8, 2), "grad_weight": (64, 32, 4, 3)}
+        return {"forward": (128, 128, 8, 2), "backward": (128, 64, 8, 2)}
     tiles = (64, 64, 4, 3) if d <= 128 else (64, 32, 4, 3)
-    return dict.fromkeys(KERNELS, tiles)
+    return {"forward": tiles, "grad_hidden": tiles, "grad_weight": tiles}
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -149,7 +181,9 @@ class LinearCrossEntropy(torch.autograd.Function):
         targets = targets.contiguous()
         n, d = h.shape
         v = w.shape[0]
-        tilings = dict.fromkeys(KERNELS, (*config, 3)) if config else launch_config(d)
+        # An explicit config tiles the forward and the two-kernel backward alike.
+        tilings = {"forward": (*config, 3), "grad_hidden": (*config, 3), "grad_weight": (*config, 3)} if config \
+            else launch_config(d)
         block_d = max(16, triton.next_power_of_2(d))  # tl.dot needs at least 16 along d
         lse = torch.empty(n, device=h.device, dtype=torch.float32)
         position_losses = torch.empty_like(lse)
@@ -173,6 +207,14 @@ class LinearCrossEntropy(torch.autograd.Function):
         # d(mean)/d(each position's loss), as a device tensor: reading it would wait for the GPU.
         scale = (grad_loss.float() / scored).reshape(1)
         grad_hidden = torch.empty_like(h)
+        if "backward" in tilings and n:
+            block_m, block_n, warps, stages = tilings["backward"]
+            grad_weight = torch.zeros_like(w)
+            _backward_kernel[(triton.cdiv(n, block_m),)](
+                h, w, targets, lse, scale, grad_hidden, grad_weight, n, v, d, BLOCK_M=block_m, BLOCK_N=block_n,
+                BLOCK_D=block_d, PRECISION=precision, num_warps=warps, num_stages=stages)
+            hidden_dtype, weight_dtype = ctx.dtypes
+            return grad_hidden.to(hidden_dtype), grad_weight.to(weight_dtype), None, None, None
         block_m, block_n, warps, stages = tilings["grad_hidden"]
         if n:
             _grad_hidden_kernel[(triton.cdiv(n, block_m),)](
@@ -205,7 +247,8 @@ def _sm_count(device):
 def linear_cross_entropy(hidden, weight, targets, precision="tf32x3", config=None):
     """Mean cross entropy of (N, d) ``hidden`` against every row of (V, d) ``weight``, over the
     positions whose ``targets`` (N,) are in [0, V) (a negative target: not scored; none scored: 0);
-    ``config``: (BLOCK_M, BLOCK_N, num_warps) for all three kernels, else :func:`launch_config`."""
+    ``config``: (BLOCK_M, BLOCK_N, num_warps) for the forward and the two-kernel backward, else
+    :func:`launch_config`."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
