@@ -101,6 +101,11 @@ def test_on_cuda_training_with_prefetching_is_training_without(tiny_ml100k, trai
     # nn.Embedding's own backward: deterministic, unlike index_add_'s atomic adds, so that the two
     # runs can be compared bit for bit.
     monkeypatch.setattr(mamba4rec, "embedding_lookup", lambda indices, embedding: embedding(indices))
+    # Likewise the Triton CE's two-kernel backward (fixed order) instead of its one-kernel one (atomics).
+    from recbole_mamba.nn import triton_ce
+
+    two_kernels = dict.fromkeys(("forward", "grad_hidden", "grad_weight"), (64, 64, 4, 3))
+    monkeypatch.setattr(triton_ce, "launch_config", lambda d: two_kernels)
     results = {}
     for depth in (0, 2):
         train_data = training_loader(tiny_ml100k, train_mode=train_mode, prefetch_batches=depth, use_gpu=True)

@@ -19,6 +19,8 @@ import threading
 
 from recbole.data.interaction import Interaction
 
+from recbole_mamba.nn.cuda_graph import capture_lock
+
 _END = object()  # the loader thread's last item: the epoch is over
 
 
@@ -76,7 +78,8 @@ class BatchPrefetcher:
         try:
             for batch in self.loader:
                 if self.pin:
-                    batch = _each_tensor(batch, lambda tensor: tensor.pin_memory())
+                    with capture_lock:  # pinning is CUDA work: never during a graph capture
+                        batch = _each_tensor(batch, lambda tensor: tensor.pin_memory())
                 while not stop.is_set():
                     try:
                         batches.put(batch, timeout=0.05)

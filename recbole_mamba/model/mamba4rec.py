@@ -112,7 +112,8 @@ class Mamba4Rec(AllPositionLosses, SequentialRecommender):
         # Amazon sets is mostly padding at length 50, and most ml-1m users at length 8,192).
         # Not when training on a GPU: reading the maximum there waits for all queued work (a
         # host-device sync); in evaluation that wait is small against the columns saved.
-        if self.cuda_graph:
+        # Only the cuda backend is capturable: the torch backend's scan checks its inputs on the host.
+        if self.cuda_graph and self.backend == "cuda":
             if self._training_graph is None:
                 self._training_graph = GraphedTraining(self, self._encode_columns)
             if self._training_graph.covers(item_seq):

@@ -23,6 +23,7 @@ capture), and ``scan_kernel: auto`` compares the scan kernels by their time as g
 
 import contextlib
 import logging
+import threading
 
 import torch
 from torch import nn
@@ -31,6 +32,9 @@ from recbole_mamba.nn import fused
 
 
 _building = False
+# Held while a graph is captured, and by any thread around CUDA work of its own (the batch
+# prefetcher's pinned copies): a CUDA call from another thread during a capture invalidates it.
+capture_lock = threading.Lock()
 
 
 def building():
@@ -99,8 +103,6 @@ class GraphedTraining:
     def __call__(self, inputs):
         if self._graphed is None:
             self._build(inputs)
-            if self._failed:
-                return self._module.function(inputs)
         rows = inputs.shape[0]
         if rows == self._shape[0]:
             return self._graphed(inputs)
@@ -112,12 +114,12 @@ class GraphedTraining:
         shape = tuple(inputs.shape)
         logging.getLogger().info(f"Capturing the training forward and backward as CUDA graphs for batches of shape {shape}")
         try:
-            with _while_building():
+            with capture_lock, _while_building():
                 self._graphed = torch.cuda.make_graphed_callables(self._module, (inputs.detach().clone(),),
                                                                   allow_unused_input=True)
-        except Exception as error:  # noqa: BLE001 - training goes on without the graph
-            logging.getLogger().warning(
-                f"CUDA graph capture failed ({type(error).__name__}: {error}); training without CUDA graphs.")
+        except Exception as error:
+            # A failed capture can leave the CUDA generator and context unusable: stop here, with the way out.
             self._failed = True
-            return
+            raise RuntimeError(f"CUDA graph capture of the training step failed ({type(error).__name__}: {error}). "
+                               "Train without it: cuda_graph: false (--cuda_graph=False).") from error
         self._shape = shape
