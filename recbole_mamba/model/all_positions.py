@@ -66,9 +66,8 @@ class AllPositionLosses:
             )
         if config["ce_kernel"] not in losses.CE_KERNELS:
             raise UserInputError(f"ce_kernel must be one of {', '.join(losses.CE_KERNELS)}, got {config['ce_kernel']!r}.")
-        for kernel, missing in (("liger", losses.liger_cross_entropy_missing), ("triton", losses.triton_cross_entropy_missing)):
-            if config["ce_kernel"] == kernel and (reason := missing(config["device"])):
-                raise UserInputError(f"ce_kernel {kernel}: {reason}")
+        if missing := losses.ce_kernel_missing(config["ce_kernel"], config["device"]):
+            raise UserInputError(f"ce_kernel {config['ce_kernel']}: {missing}")
         if config["negative_sampling"] not in losses.NEGATIVE_SAMPLING:
             raise UserInputError(
                 f"negative_sampling must be one of {', '.join(losses.NEGATIVE_SAMPLING)}, "

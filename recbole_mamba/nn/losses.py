@@ -147,7 +147,11 @@ def _triton_importable():
     return True
 
 
-_MISSING = {"liger": liger_cross_entropy_missing, "triton": triton_cross_entropy_missing}
+def ce_kernel_missing(kernel, device):
+    """Why ``chunked_cross_entropy(kernel=kernel)`` cannot run on ``device``, or None when it can
+    (``auto`` and ``torch`` always can)."""
+    missing = {"liger": liger_cross_entropy_missing, "triton": triton_cross_entropy_missing}.get(kernel)
+    return missing(device) if missing else None
 
 
 def _resolve_kernel(kernel, device):
@@ -155,7 +159,7 @@ def _resolve_kernel(kernel, device):
     where ``liger`` or ``triton`` is asked for and cannot run there."""
     if kernel == "auto":
         return "triton" if triton_cross_entropy_missing(device) is None else "torch"
-    if kernel in _MISSING and (missing := _MISSING[kernel](device)):
+    if missing := ce_kernel_missing(kernel, device):
         raise RuntimeError(f"kernel '{kernel}': {missing}")
     return kernel
 

@@ -205,31 +205,35 @@ class MambaMixer(nn.Module):
 
     def _scan_kernel_for(self, hidden_states):
         """The scan kernel for this input's shape: the configured one, or under ``auto`` the faster one."""
-        if self.scan_kernel != "auto" or self._kernels["triton"] is None:
-            return "triton" if self.scan_kernel == "triton" else "mamba_ssm"
+        if forced := self._forced_scan_kernel():
+            return forced
         training = torch.is_grad_enabled()
         autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
-        # One measurement per power-of-two bucket of batch size and length: evaluation batches trimmed
-        # to their longest sequence have many different lengths.
-        batch, length, d_model = hidden_states.shape
-        key = (_power_of_two_at_least(batch), _power_of_two_at_least(length), d_model, hidden_states.dtype,
-               autocast, training, self.d_inner, self.d_state, self.conv1d.kernel_size[0], self.dt_rank)
+        batch, length, _ = hidden_states.shape
+        key = self._measurement_key(batch, length, hidden_states.dtype, autocast, training)
         if key not in _FASTER_SCAN_KERNEL:
             _FASTER_SCAN_KERNEL[key] = self._time_scan_kernels(hidden_states, training, key)
         return _FASTER_SCAN_KERNEL[key]
 
-    def scan_kernel_chosen(self, batch, length, training):
+    def _forced_scan_kernel(self):
+        """The scan kernel that runs whatever the shape, or None where ``auto`` measures per shape."""
+        if self.scan_kernel == "auto" and self._kernels["triton"] is not None:
+            return None
+        return "triton" if self.scan_kernel == "triton" else "mamba_ssm"
+
+    def _measurement_key(self, batch, length, dtype, autocast, training):
+        # One measurement per power-of-two bucket of batch size and length: evaluation batches trimmed
+        # to their longest sequence have many different lengths.
+        return (_power_of_two_at_least(batch), _power_of_two_at_least(length), self.in_proj.in_features, dtype,
+                autocast, training, self.d_inner, self.d_state, self.conv1d.kernel_size[0], self.dt_rank)
+
+    def scan_kernel_chosen(self, batch, length, training, dtype=torch.float32, autocast=None):
         """The scan kernel this block runs for inputs of ``batch`` x ``length`` (None where ``auto``
         has not measured that shape yet; "torch" on the torch backend)."""
         if self.backend != "cuda":
             return "torch"
-        if self.scan_kernel != "auto" or self._kernels["triton"] is None:
-            return "triton" if self.scan_kernel == "triton" else "mamba_ssm"
-        for key, choice in _FASTER_SCAN_KERNEL.items():
-            if key[:2] == (_power_of_two_at_least(batch), _power_of_two_at_least(length)) and key[5] == training \
-                    and key[6:] == (self.d_inner, self.d_state, self.conv1d.kernel_size[0], self.dt_rank):
-                return choice
-        return None
+        return self._forced_scan_kernel() or _FASTER_SCAN_KERNEL.get(
+            self._measurement_key(batch, length, dtype, autocast, training))
 
     def _time_scan_kernels(self, hidden_states, training, key):
         """Time this block with each scan kernel on a random input of the same shape; return the faster."""
