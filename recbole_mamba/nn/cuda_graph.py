@@ -28,8 +28,6 @@ import threading
 import torch
 from torch import nn
 
-from recbole_mamba.nn import fused
-
 
 _building = False
 # Held while a graph is captured, and by any thread around CUDA work of its own (the batch
@@ -47,8 +45,7 @@ def _while_building():
     global _building
     previous, _building = _building, True
     try:
-        with fused.fused_at_every_size():
-            yield
+        yield
     finally:
         _building = previous
 

@@ -7,16 +7,17 @@ backwards, and its kernels are tuned for wide rows, not rows of 64. On ml-1m (ba
 each group (and one for its backward); see ``benchmarks/results/fused_ops.md``.
 
 Each function is its plain PyTorch twin when not training on a CUDA device (evaluation, the CPU)
-or for small batches (``MIN_FUSED_ROWS``, except inside :func:`fused_at_every_size`), and falls
+or for small batches (``MIN_FUSED_ROWS``, except while a CUDA graph is built), and falls
 back to it, with one warning, where compilation fails. ``TORCH_COMPILE_DISABLE=1`` turns
 compilation off.
 """
 
-import contextlib
 import logging
 
 import torch
 import torch.nn.functional as F
+
+from recbole_mamba.nn import cuda_graph
 
 
 def _dropout_add_layer_norm(x, residual, weight, bias, eps, p):
@@ -64,24 +65,12 @@ _fused_gelu_dropout = _CompiledOnCuda(_gelu_dropout)
 # it pays only where the GPU work is large. On an H100, fused is faster at 409,600 rows of 64 (an
 # ml-1m prefix batch) and slower at 65,536 (a lifelong batch of 32 x 2048): benchmarks/results/fused_ops.md.
 MIN_FUSED_ROWS = 200_000
-_every_size = False
-
-
-@contextlib.contextmanager
-def fused_at_every_size():
-    """Fuse whatever the batch size while this is active: for work captured in a CUDA graph, whose
-    replays cost the host nothing per kernel (recbole_mamba.nn.cuda_graph)."""
-    global _every_size
-    previous, _every_size = _every_size, True
-    try:
-        yield
-    finally:
-        _every_size = previous
 
 
 def _fuse(x, dropout):
+    # Work captured in a CUDA graph costs the host nothing per kernel at replay: fuse at every size.
     return (x.is_cuda and dropout.training and torch.is_grad_enabled()
-            and (_every_size or x.numel() // x.shape[-1] >= MIN_FUSED_ROWS))
+            and (cuda_graph.building() or x.numel() // x.shape[-1] >= MIN_FUSED_ROWS))
 
 
 def _rows(t):
