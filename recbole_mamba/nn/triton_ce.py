@@ -76,15 +76,23 @@ def _softmax_minus_one_hot(h, w, cols, V, lse, target, row_ok, PRECISION: tl.con
 
 
 @triton.jit
-def _grad_hidden_kernel(h_ptr, w_ptr, t_ptr, lse_ptr, scale_ptr, gh_ptr, N, V, D,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                        PRECISION: tl.constexpr):
+def _row_block(h_ptr, t_ptr, lse_ptr, N, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's block of rows for a backward kernel: their indices, which exist, the d
+    offsets, and the rows' hidden states, targets and log-sum-exps."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
     offs_d = tl.arange(0, BLOCK_D)
     h = _load_rows(h_ptr, rows, N, D, offs_d)
     target = tl.load(t_ptr + rows, mask=row_ok, other=-1)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    return rows, row_ok, offs_d, h, target, lse
+
+
+@triton.jit
+def _grad_hidden_kernel(h_ptr, w_ptr, t_ptr, lse_ptr, scale_ptr, gh_ptr, N, V, D,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                        PRECISION: tl.constexpr):
+    rows, row_ok, offs_d, h, target, lse = _row_block(h_ptr, t_ptr, lse_ptr, N, D, BLOCK_M, BLOCK_D)
     grad = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     start = 0
     while start < V:
@@ -125,21 +133,13 @@ def _grad_weight_kernel(h_ptr, w_ptr, t_ptr, lse_ptr, scale_ptr, partial_ptr, N,
              mask=(cols[:, None] < V) & (offs_d[None, :] < D))
 
 
-KERNELS = ("forward", "backward", "grad_hidden", "grad_weight")
-
-
 @triton.jit
 def _backward_kernel(h_ptr, w_ptr, t_ptr, lse_ptr, scale_ptr, gh_ptr, gw_ptr, N, V, D,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                      PRECISION: tl.constexpr):
     """Both gradients from one computation of each logits tile: the hidden states' in registers,
     the item embeddings' added into ``gw_ptr`` with atomics (in no fixed order)."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < N
-    offs_d = tl.arange(0, BLOCK_D)
-    h = _load_rows(h_ptr, rows, N, D, offs_d)
-    target = tl.load(t_ptr + rows, mask=row_ok, other=-1)
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    rows, row_ok, offs_d, h, target, lse = _row_block(h_ptr, t_ptr, lse_ptr, N, D, BLOCK_M, BLOCK_D)
     scale = tl.load(scale_ptr)
     grad = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     start = 0
