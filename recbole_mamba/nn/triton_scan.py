@@ -22,14 +22,15 @@ The slow, obviously correct twin is :func:`recbole_mamba.nn.selective_scan.selec
 """
 
 import functools
+import typing
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["selective_scan_triton", "launch_config"]
+__all__ = ["selective_scan_triton", "scan_forward", "scan_backward", "launch_config"]
 
-# Most memory the backward's chunk-start states may take at once (see _TritonSelectiveScan.backward).
+# Most memory the backward's chunk-start states may take at once (see scan_backward).
 BACKWARD_SCRATCH_BYTES = 512 * 2**20
 
 
@@ -657,41 +658,113 @@ def _segments(L, block_t, segments):
     return triton.cdiv(n_chunks, seg_chunks), seg_chunks
 
 
+class ScanSaved(typing.NamedTuple):
+    """What :func:`scan_backward` needs from :func:`scan_forward` besides the scan's inputs."""
+
+    hloc: torch.Tensor  # per-segment summaries (or u itself, unread, with one segment)
+    sdt: torch.Tensor
+    delta_softplus: bool
+    launch: tuple  # (BLOCK_D, BLOCK_T, num_warps, segments, chunks per segment) of the backward
+
+
+def scan_forward(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                 return_last_state=False, config=None):
+    """The scan's output (and last state, or None), without autograd: ``(out, last, saved)``, ``saved``
+    for :func:`scan_backward`. A, D and delta_bias float32; see :func:`selective_scan_triton`."""
+    batch, d, L = u.shape
+    n = A.shape[1]
+    config = _full_config(config or launch_config(d, n, L, batch))
+    block_d, block_t, warps, segments, fwd_block_d, fwd_warps = config
+    n_seg, seg_chunks = _segments(L, block_t, segments)
+    n_high, n_low = state_split(n)
+    fwd_blocks = triton.cdiv(d, fwd_block_d)
+    out = _channels_last(batch, d, L, u)
+    last = torch.empty((batch, d, n), device=u.device, dtype=torch.float32) if return_last_state else out
+    dummy = u  # stands in for absent optional tensors (never read: the flags are off)
+    # Segment summaries: each one's last state from zero (batch, segments, d, n) and sum of dt.
+    hloc = torch.empty((batch, n_seg, d, n), device=u.device, dtype=torch.float32) if n_seg > 1 else dummy
+    sdt = torch.empty((batch, n_seg, d), device=u.device, dtype=torch.float32) if n_seg > 1 else dummy
+    flags = dict(HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), BLOCK_D=fwd_block_d,
+                 N_HIGH=n_high, N_LOW=n_low, BLOCK_T=block_t, num_warps=fwd_warps)
+    bias = delta_bias if delta_bias is not None else dummy
+    if n_seg > 1:
+        _segment_summary_fwd_kernel[(batch, fwd_blocks, n_seg)](
+            u, delta, A, B, bias, hloc, sdt, L, d, n, seg_chunks,
+            *u.stride(), *delta.stride(), *B.stride(), **flags)
+    _scan_fwd_kernel[(batch, fwd_blocks, n_seg)](
+        u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
+        bias, out, last, hloc, sdt,
+        L, d, n, seg_chunks,
+        *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *(z if z is not None else u).stride(),
+        *out.stride(),
+        HAS_D=D is not None, HAS_Z=z is not None, STORE_LAST=bool(return_last_state), SEGMENTED=n_seg > 1,
+        **flags,
+    )
+    saved = ScanSaved(hloc, sdt, bool(delta_softplus), (block_d, block_t, warps, n_seg, seg_chunks))
+    return out, (last if return_last_state else None), saved
+
+
+def scan_backward(saved, dout, u, delta, A, B, C, D=None, z=None, delta_bias=None):
+    """Gradients of the scan's output (given ``dout``) with respect to
+    ``(u, delta, A, B, C, D, z, delta_bias)`` (None for an absent input), in their dtypes."""
+    hloc, sdt = saved.hloc, saved.sdt
+    batch, d, L = u.shape
+    n = A.shape[1]
+    block_d, block_t, warps, n_seg, seg_chunks = saved.launch
+    n_high, n_low = state_split(n)
+    d_blocks = triton.cdiv(d, block_d)
+    # du channels-last whatever u's strides (at length 1 they are ambiguous): causal-conv1d's backward
+    # needs that layout.
+    du, ddelta = _channels_last(batch, d, L, u), torch.empty_like(delta)
+    dz = _channels_last(batch, d, L, z) if z is not None else None
+    # (batch, L, n), returned as (batch, n, L) views: the kernel adds a time step's n values at once.
+    dB = torch.zeros((batch, L, n), device=u.device, dtype=torch.float32)
+    dC = torch.zeros((batch, L, n), device=u.device, dtype=torch.float32)
+    dA = torch.empty((batch, n_seg, d, n), device=u.device, dtype=torch.float32)
+    dD = torch.empty((batch, n_seg, d), device=u.device, dtype=torch.float32) if D is not None else None
+    flags = dict(HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=saved.delta_softplus,
+                 BLOCK_D=block_d, N_HIGH=n_high, N_LOW=n_low, BLOCK_T=block_t, num_warps=warps)
+    bias = delta_bias if delta_bias is not None else u
+    klocal = hloc
+    if n_seg > 1:  # each segment's g passed back to the one before it, with zero from its end
+        klocal = torch.empty((batch, n_seg, d, n), device=u.device, dtype=torch.float32)
+        z_or_u = z if z is not None else u
+        _segment_summary_bwd_kernel[(batch, d_blocks, n_seg)](
+            delta, A, C, z_or_u, bias, dout, klocal, L, d, n, seg_chunks,
+            *delta.stride(), *C.stride(), *z_or_u.stride(), *dout.stride(), **flags)
+    # The chunk-start states (d_blocks x segments x seg_chunks tiles per batch row) are scratch that
+    # grows with batch x L: the kernel runs over slices of the batch that share one buffer of at
+    # most BACKWARD_SCRATCH_BYTES, each slice still thousands of programs.
+    row_floats = d_blocks * n_seg * seg_chunks * block_d * n_high * n_low
+    rows = max(1, min(batch, BACKWARD_SCRATCH_BYTES // (4 * row_floats)))
+    chunk_h0 = torch.empty((rows * row_floats,), device=u.device, dtype=torch.float32)
+    for start in range(0, batch, rows):
+        part = slice(start, start + rows)
+        rows_of = functools.partial(_batch_rows, part=part, absent=u)
+        z_part, dz_part = rows_of(z), rows_of(dz)
+        _scan_bwd_kernel[(rows_of(u).shape[0], d_blocks, n_seg)](
+            rows_of(u), rows_of(delta), A, rows_of(B), rows_of(C), D if D is not None else u, z_part,
+            bias, rows_of(dout),
+            rows_of(du), rows_of(ddelta), dz_part, rows_of(dB), rows_of(dC), rows_of(dA), rows_of(dD), chunk_h0,
+            rows_of(hloc), rows_of(sdt), rows_of(klocal),
+            L, d, n, seg_chunks,
+            *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *z_part.stride(),
+            *dout.stride(), *du.stride(), *ddelta.stride(), *dz_part.stride(),
+            HAS_D=D is not None, SEGMENTED=n_seg > 1, **flags,
+        )
+    ddelta_bias = ddelta.float().sum((0, 2)).to(delta_bias.dtype) if delta_bias is not None else None
+    dD = dD.sum((0, 1)).to(D.dtype) if D is not None else None
+    return (du, ddelta, dA.sum((0, 1)).to(A.dtype), dB.transpose(1, 2).to(B.dtype), dC.transpose(1, 2).to(C.dtype),
+            dD, dz, ddelta_bias)
+
+
 class _TritonSelectiveScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, config):
-        batch, d, L = u.shape
-        n = A.shape[1]
-        config = _full_config(config or launch_config(d, n, L, batch))
-        block_d, block_t, warps, segments, fwd_block_d, fwd_warps = config
-        n_seg, seg_chunks = _segments(L, block_t, segments)
-        n_high, n_low = state_split(n)
-        fwd_blocks = triton.cdiv(d, fwd_block_d)
-        out = _channels_last(batch, d, L, u)
-        last = torch.empty((batch, d, n), device=u.device, dtype=torch.float32) if return_last_state else out
-        dummy = u  # stands in for absent optional tensors (never read: the flags are off)
-        # Segment summaries: each one's last state from zero (batch, segments, d, n) and sum of dt.
-        hloc = torch.empty((batch, n_seg, d, n), device=u.device, dtype=torch.float32) if n_seg > 1 else dummy
-        sdt = torch.empty((batch, n_seg, d), device=u.device, dtype=torch.float32) if n_seg > 1 else dummy
-        flags = dict(HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), BLOCK_D=fwd_block_d,
-                     N_HIGH=n_high, N_LOW=n_low, BLOCK_T=block_t, num_warps=fwd_warps)
-        bias = delta_bias if delta_bias is not None else dummy
-        if n_seg > 1:
-            _segment_summary_fwd_kernel[(batch, fwd_blocks, n_seg)](
-                u, delta, A, B, bias, hloc, sdt, L, d, n, seg_chunks,
-                *u.stride(), *delta.stride(), *B.stride(), **flags)
-        _scan_fwd_kernel[(batch, fwd_blocks, n_seg)](
-            u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
-            bias, out, last, hloc, sdt,
-            L, d, n, seg_chunks,
-            *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *(z if z is not None else u).stride(),
-            *out.stride(),
-            HAS_D=D is not None, HAS_Z=z is not None, STORE_LAST=bool(return_last_state), SEGMENTED=n_seg > 1,
-            **flags,
-        )
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, hloc, sdt)
-        ctx.delta_softplus = bool(delta_softplus)
-        ctx.launch = (block_d, block_t, warps, n_seg, seg_chunks)
+        out, last, saved = scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                                        config)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, saved.hloc, saved.sdt)
+        ctx.delta_softplus, ctx.launch = saved.delta_softplus, saved.launch  # tensors only through save_for_backward
         if return_last_state:
             ctx.mark_non_differentiable(last)
             return out, last
@@ -700,52 +773,8 @@ class _TritonSelectiveScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, *_dlast):
         u, delta, A, B, C, D, z, delta_bias, hloc, sdt = ctx.saved_tensors
-        batch, d, L = u.shape
-        n = A.shape[1]
-        block_d, block_t, warps, n_seg, seg_chunks = ctx.launch
-        n_high, n_low = state_split(n)
-        d_blocks = triton.cdiv(d, block_d)
-        du, ddelta = torch.empty_like(u), torch.empty_like(delta)
-        dz = _channels_last(batch, d, L, z) if z is not None else None
-        # (batch, L, n), returned as (batch, n, L) views: the kernel adds a time step's n values at once.
-        dB = torch.zeros((batch, L, n), device=u.device, dtype=torch.float32)
-        dC = torch.zeros((batch, L, n), device=u.device, dtype=torch.float32)
-        dA = torch.empty((batch, n_seg, d, n), device=u.device, dtype=torch.float32)
-        dD = torch.empty((batch, n_seg, d), device=u.device, dtype=torch.float32) if D is not None else None
-        flags = dict(HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=ctx.delta_softplus,
-                     BLOCK_D=block_d, N_HIGH=n_high, N_LOW=n_low, BLOCK_T=block_t, num_warps=warps)
-        bias = delta_bias if delta_bias is not None else u
-        klocal = hloc
-        if n_seg > 1:  # each segment's g passed back to the one before it, with zero from its end
-            klocal = torch.empty((batch, n_seg, d, n), device=u.device, dtype=torch.float32)
-            z_or_u = z if z is not None else u
-            _segment_summary_bwd_kernel[(batch, d_blocks, n_seg)](
-                delta, A, C, z_or_u, bias, dout, klocal, L, d, n, seg_chunks,
-                *delta.stride(), *C.stride(), *z_or_u.stride(), *dout.stride(), **flags)
-        # The chunk-start states (d_blocks x segments x seg_chunks tiles per batch row) are scratch that
-        # grows with batch x L: the kernel runs over slices of the batch that share one buffer of at
-        # most BACKWARD_SCRATCH_BYTES, each slice still thousands of programs.
-        row_floats = d_blocks * n_seg * seg_chunks * block_d * n_high * n_low
-        rows = max(1, min(batch, BACKWARD_SCRATCH_BYTES // (4 * row_floats)))
-        chunk_h0 = torch.empty((rows * row_floats,), device=u.device, dtype=torch.float32)
-        for start in range(0, batch, rows):
-            part = slice(start, start + rows)
-            rows_of = functools.partial(_batch_rows, part=part, absent=u)
-            z_part, dz_part = rows_of(z), rows_of(dz)
-            _scan_bwd_kernel[(rows_of(u).shape[0], d_blocks, n_seg)](
-                rows_of(u), rows_of(delta), A, rows_of(B), rows_of(C), D if D is not None else u, z_part,
-                bias, rows_of(dout),
-                rows_of(du), rows_of(ddelta), dz_part, rows_of(dB), rows_of(dC), rows_of(dA), rows_of(dD), chunk_h0,
-                rows_of(hloc), rows_of(sdt), rows_of(klocal),
-                L, d, n, seg_chunks,
-                *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *z_part.stride(),
-                *dout.stride(), *du.stride(), *ddelta.stride(), *dz_part.stride(),
-                HAS_D=D is not None, SEGMENTED=n_seg > 1, **flags,
-            )
-        ddelta_bias = ddelta.float().sum((0, 2)).to(delta_bias.dtype) if delta_bias is not None else None
-        dD = dD.sum((0, 1)).to(D.dtype) if D is not None else None
-        return (du, ddelta, dA.sum((0, 1)).to(A.dtype), dB.transpose(1, 2).to(B.dtype), dC.transpose(1, 2).to(C.dtype),
-                dD, dz, ddelta_bias, None, None, None)
+        saved = ScanSaved(hloc, sdt, ctx.delta_softplus, ctx.launch)
+        return (*scan_backward(saved, dout, u, delta, A, B, C, D, z, delta_bias), None, None, None)
 
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
