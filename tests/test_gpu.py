@@ -34,9 +34,10 @@ def relative_error(actual, expected, floor=1e-8):
     return (difference / expected.double().abs().max().clamp(min=floor)).item()
 
 
-def twin_mixers(seed=0, d_model=64, d_state=32, scan_kernel="mamba_ssm"):
+def twin_mixers(seed=0, d_model=64, d_state=32, scan_kernel="mamba_ssm", recompute_scan_inputs=False):
     torch.manual_seed(seed)
-    fast = MambaMixer(d_model, d_state=d_state, d_conv=4, expand=2, backend="cuda", scan_kernel=scan_kernel).cuda()
+    fast = MambaMixer(d_model, d_state=d_state, d_conv=4, expand=2, backend="cuda", scan_kernel=scan_kernel,
+                      recompute_scan_inputs=recompute_scan_inputs).cuda()
     slow = MambaMixer(d_model, d_state=d_state, d_conv=4, expand=2, backend="torch").cuda()
     slow.load_state_dict(fast.state_dict())
     return fast, slow
@@ -53,16 +54,17 @@ def test_cuda_and_torch_backends_agree_fp32(cuda_backend, length, fused):
     assert_backends_agree(fast, slow, length, tolerance=1e-4)
 
 
+@pytest.mark.parametrize("recompute", [False, True])
 @pytest.mark.parametrize("length", [1, 7, 200, 2048, 8192])
-def test_triton_scan_kernel_and_torch_backend_agree_fp32(cuda_backend, length):
-    fast, slow = twin_mixers(scan_kernel="triton")
+def test_triton_scan_kernel_and_torch_backend_agree_fp32(cuda_backend, length, recompute):
+    fast, slow = twin_mixers(scan_kernel="triton", recompute_scan_inputs=recompute)
     assert_backends_agree(fast, slow, length, tolerance=1e-4)
 
 
-@pytest.mark.parametrize("scan_kernel", ["mamba_ssm", "triton"])
+@pytest.mark.parametrize("scan_kernel, recompute", [("mamba_ssm", False), ("triton", False), ("triton", True)])
 @pytest.mark.parametrize("length", [1, 7, 200, 2048, 8192])
-def test_cuda_and_torch_backends_agree_bf16_autocast(cuda_backend, length, scan_kernel):
-    fast, slow = twin_mixers(scan_kernel=scan_kernel)
+def test_cuda_and_torch_backends_agree_bf16_autocast(cuda_backend, length, scan_kernel, recompute):
+    fast, slow = twin_mixers(scan_kernel=scan_kernel, recompute_scan_inputs=recompute)
     assert_backends_agree(fast, slow, length, tolerance=1e-2, autocast_dtype=torch.bfloat16)
 
 

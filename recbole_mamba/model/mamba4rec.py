@@ -35,7 +35,8 @@ class Mamba4Rec(AllPositionLosses, SequentialRecommender):
     ``expand``, ``mamba_backend`` (auto, cuda or torch), ``scan_kernel`` (auto, mamba_ssm or triton:
     the cuda backend's selective scan), ``negative_sampling``, ``num_negatives``,
     ``logq_correction``, ``ce_chunk_size``, ``ce_kernel``, ``cuda_graph`` (training steps on a GPU
-    replayed as CUDA graphs, :mod:`recbole_mamba.nn.cuda_graph`); and ``train_mode``
+    replayed as CUDA graphs, :mod:`recbole_mamba.nn.cuda_graph`), ``recompute_scan_inputs`` (the Triton
+    scan's inputs recomputed in the backward, :mod:`recbole_mamba.nn.triton_mixer`); and ``train_mode``
     (``yaml/overall.yaml``).
     """
 
@@ -63,6 +64,7 @@ class Mamba4Rec(AllPositionLosses, SequentialRecommender):
                 dropout=self.dropout_prob,
                 backend=self.backend,
                 scan_kernel=config["scan_kernel"],
+                recompute_scan_inputs=bool(config["recompute_scan_inputs"]),
                 **self.layer_options(config),
             )
             for _ in range(self.num_layers)
@@ -85,8 +87,9 @@ class Mamba4Rec(AllPositionLosses, SequentialRecommender):
             value = config[key]
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise UserInputError(f"{key} must be an integer >= 1, got {value!r}.")
-        if config["cuda_graph"] is not None and not isinstance(config["cuda_graph"], bool):
-            raise UserInputError(f"cuda_graph must be true or false, got {config['cuda_graph']!r}.")
+        for key in ("cuda_graph", "recompute_scan_inputs"):  # absent (None): off
+            if config[key] is not None and not isinstance(config[key], bool):
+                raise UserInputError(f"{key} must be true or false, got {config[key]!r}.")
         dropout = config["dropout_prob"]
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
             raise UserInputError(f"dropout_prob must be a number in [0, 1), got {dropout!r}.")
@@ -166,15 +169,15 @@ class MambaLayer(nn.Module):
 
     ``residual``: add the layer's input back (Mamba4Rec does only when it has several layers);
     ``ffn``: end with the position-wise feed-forward network (Mamba4Rec always does);
-    ``scan_kernel``: the cuda backend's selective scan (see MambaMixer).
+    ``scan_kernel``, ``recompute_scan_inputs``: the cuda backend's selective scan (see MambaMixer).
     """
 
     def __init__(self, d_model, d_state, d_conv, expand, dropout, residual, backend, scan_kernel="auto",
-                 ffn=True):
+                 ffn=True, recompute_scan_inputs=False):
         super().__init__()
         self.residual = residual
         self.mamba = MambaMixer(d_model, d_state=d_state, d_conv=d_conv, expand=expand, backend=backend,
-                                scan_kernel=scan_kernel)
+                                scan_kernel=scan_kernel, recompute_scan_inputs=recompute_scan_inputs)
         self.dropout = nn.Dropout(dropout)
         self.LayerNorm = nn.LayerNorm(d_model, eps=1e-12)
         self.ffn = FeedForward(d_model, inner_size=4 * d_model, dropout=dropout) if ffn else nn.Identity()

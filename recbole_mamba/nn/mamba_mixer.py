@@ -7,7 +7,8 @@ x_proj, dt_proj, A_log, D, out_proj), so a state dict moves between machines and
   mamba-ssm's CUDA selective scan after a plain convolution), or the same block with the Triton
   selective scan of :mod:`recbole_mamba.nn.triton_scan` (``scan_kernel``: ``auto`` times both on the
   first batch of each shape and keeps the faster, ``mamba_ssm`` or ``triton`` force one). Needs a CUDA
-  tensor.
+  tensor. With ``recompute_scan_inputs``, the Triton block's training backward recomputes the scan's
+  inputs instead of holding them (:mod:`recbole_mamba.nn.triton_mixer`): less memory, a slower step.
 - ``torch``: a pure-PyTorch path with :func:`recbole_mamba.nn.selective_scan.selective_scan`,
   which runs anywhere.
 
@@ -42,10 +43,11 @@ def _load_cuda_kernels():
     ops = {"mamba_inner_fn": interface.mamba_inner_fn, "selective_scan_fn": interface.selective_scan_fn,
            "causal_conv1d_fn": getattr(interface, "causal_conv1d_fn", None)}
     try:
+        from recbole_mamba.nn.triton_mixer import mixer_with_recomputation
         from recbole_mamba.nn.triton_scan import selective_scan_triton
     except ImportError:  # triton ships with torch's CUDA builds; without it only mamba-ssm's scan runs
-        selective_scan_triton = None
-    return {**ops, "fused": fused, "triton": selective_scan_triton}, None
+        selective_scan_triton = mixer_with_recomputation = None
+    return {**ops, "fused": fused, "triton": selective_scan_triton, "triton_mixer": mixer_with_recomputation}, None
 
 
 def check_scan_kernel(scan_kernel):
@@ -110,6 +112,7 @@ class MambaMixer(nn.Module):
         dt_init_floor=1e-4,
         backend="torch",
         scan_kernel="auto",
+        recompute_scan_inputs=False,
     ):
         super().__init__()
         if backend not in ("cuda", "torch"):
@@ -117,6 +120,7 @@ class MambaMixer(nn.Module):
         check_scan_kernel(scan_kernel)
         self.backend = backend
         self.scan_kernel = scan_kernel
+        self.recompute_scan_inputs = recompute_scan_inputs
         self.d_state = d_state
         self.d_inner = expand * d_model
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank
@@ -158,18 +162,24 @@ class MambaMixer(nn.Module):
             return self._forward_cuda(hidden_states)
         return self._forward_torch(hidden_states)
 
-    def _scan_inputs(self, x):
-        """From the convolved x (b, d, l): delta without bias (b, d, l), B and C (b, n, l)."""
-        x_dbl = self.x_proj(x.transpose(1, 2))  # (b, l, dt_rank + 2n)
-        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # bias goes in as delta_bias
-        return delta, B.transpose(1, 2), C.transpose(1, 2)
-
     def _forward_torch(self, hidden_states):
         return self._forward_unfused(hidden_states, selective_scan)
 
     def _forward_unfused(self, hidden_states, scan):
         """in_proj -> causal conv -> ``scan`` (selective_scan_fn's arguments) -> out_proj, step by step."""
+        u, delta, A, B, C, D, z, delta_bias = self.scan_operands(hidden_states)
+        y = scan(u, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=True)
+        return self.out_proj(y.transpose(1, 2))
+
+    def scan_operands(self, hidden_states):
+        """The selective scan's inputs for this block's input: ``(u, delta, A, B, C, D, z, delta_bias)``
+        (delta before its bias and softplus), in selective_scan_fn's layouts."""
+        u, z = self.convolution_stage(hidden_states)
+        delta, A, B, C, D, delta_bias = self.selection_stage(u)
+        return u, delta, A, B, C, D, z, delta_bias
+
+    def convolution_stage(self, hidden_states):
+        """in_proj, then the causal convolution + SiLU of its first half: ``(u, z)``, (b, d_inner, l)."""
         length = hidden_states.shape[1]
         # Split along the last axis and transpose the halves (not the other way round): the gradient
         # of the split is then (b, l, 2 * d_inner) with channels contiguous, as in_proj's backward
@@ -178,29 +188,31 @@ class MambaMixer(nn.Module):
         conv_fn = self._kernels and self._kernels["causal_conv1d_fn"]
         if conv_fn is not None and x.is_cuda:
             # causal-conv1d's fused convolution + SiLU, float32 weights, output in x's dtype.
-            x = conv_fn(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
-        else:
-            # As causal-conv1d inside mamba_inner_fn: float32 weights and arithmetic, output in x's
-            # dtype, so that under autocast both backends round at the same places.
-            with torch.autocast(device_type=x.device.type, enabled=False):
-                x = F.silu(self.conv1d(x.float())[..., :length]).to(x.dtype)
-        delta, B, C = self._scan_inputs(x)
-        y = scan(
-            x,
-            delta,
-            -torch.exp(self.A_log.float()),
-            B,
-            C,
-            self.D.float(),
-            z=z,
-            delta_bias=self.dt_proj.bias.float(),
-            delta_softplus=True,
-        )
-        return self.out_proj(y.transpose(1, 2))
+            return conv_fn(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu"), z
+        # As causal-conv1d inside mamba_inner_fn: float32 weights and arithmetic, output in x's
+        # dtype, so that under autocast both backends round at the same places.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return F.silu(self.conv1d(x.float())[..., :length]).to(x.dtype), z
+
+    def selection_stage(self, u):
+        """From the convolved u (b, d, l), the rest of the scan's inputs: ``(delta, A, B, C, D,
+        delta_bias)``, delta (b, d, l) without its bias, B and C (b, n, l)."""
+        x_dbl = self.x_proj(u.transpose(1, 2))  # (b, l, dt_rank + 2n)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # bias goes in as delta_bias
+        return (delta, -torch.exp(self.A_log.float()), B.transpose(1, 2), C.transpose(1, 2), self.D.float(),
+                self.dt_proj.bias.float())
+
+    def _forward_triton(self, hidden_states):
+        """The block with the Triton scan; with ``recompute_scan_inputs``, in training, through
+        :mod:`recbole_mamba.nn.triton_mixer`, which holds less memory for the backward."""
+        if self.recompute_scan_inputs and torch.is_grad_enabled():
+            return self._kernels["triton_mixer"](self, hidden_states)
+        return self._forward_unfused(hidden_states, self._kernels["triton"])
 
     def _forward_cuda(self, hidden_states):
         if self._scan_kernel_for(hidden_states) == "triton":
-            return self._forward_unfused(hidden_states, self._kernels["triton"])
+            return self._forward_triton(hidden_states)
         return self._forward_mamba_ssm(hidden_states)
 
     def _scan_kernel_for(self, hidden_states):
@@ -225,7 +237,8 @@ class MambaMixer(nn.Module):
         # One measurement per power-of-two bucket of batch size and length: evaluation batches trimmed
         # to their longest sequence have many different lengths.
         return (_power_of_two_at_least(batch), _power_of_two_at_least(length), self.in_proj.in_features, dtype,
-                autocast, training, self.d_inner, self.d_state, self.conv1d.kernel_size[0], self.dt_rank)
+                autocast, training, self.d_inner, self.d_state, self.conv1d.kernel_size[0], self.dt_rank,
+                self.recompute_scan_inputs)
 
     def scan_kernel_chosen(self, batch, length, training, dtype=torch.float32, autocast=None):
         """The scan kernel this block runs for inputs of ``batch`` x ``length`` (None where ``auto``
@@ -242,7 +255,7 @@ class MambaMixer(nn.Module):
                             dtype=hidden_states.dtype)
         params = [p for p in self.parameters() if p.requires_grad]
         forwards = {"mamba_ssm": self._forward_mamba_ssm,
-                    "triton": lambda x: self._forward_unfused(x, self._kernels["triton"])}
+                    "triton": self._forward_triton}
 
         def step(forward):
             x = probe.detach().requires_grad_(training)
