@@ -30,8 +30,10 @@ import triton.language as tl
 
 __all__ = ["selective_scan_triton", "scan_forward", "scan_backward", "launch_config"]
 
-# Most memory the backward's chunk-start states may take at once (see scan_backward).
-BACKWARD_SCRATCH_BYTES = 512 * 2**20
+# Most memory the backward's chunk-start states may take at once (see scan_backward). At 32 windows of
+# 2,048 (d_inner 128, d_state 32) the whole batch would take 256 MiB; 128 MiB runs it in two slices of
+# 2,048 programs at the same speed on an H100 (benchmarks/NOTES.md, lifelong row 11).
+BACKWARD_SCRATCH_BYTES = 128 * 2**20
 
 
 @triton.jit
