@@ -21,8 +21,8 @@ so windows of every L are full) and on ml-1m at one long L:
   memory included, which ``max_memory_allocated``, also recorded, does not see); running out of
   memory is caught and recorded;
 - RecMamba's ``cuda_graph`` (on by default: its encoder's training forward and backward replayed
-  as CUDA graphs; ``--cuda_graph=False`` turns it off) and ``scan_kernel`` (which scan ``auto``
-  chose is recorded per row). The attention encoders run eagerly, as RecBole runs SASRec: graphing
+  as CUDA graphs; ``--cuda_graph=False`` turns it off), ``scan_kernel`` (which scan ``auto``
+  chose is recorded per row) and ``--recompute_scan_inputs=True`` (less memory, a slower step). The attention encoders run eagerly, as RecBole runs SASRec: graphing
   them did not change their step time at 2,048 (benchmarks/NOTES.md) and raised their memory.
 
 Then RecMamba is trained on ml-1m at ``--accuracy_length`` through ``recbole_mamba.run`` (RecBole's
@@ -70,6 +70,7 @@ FULL = {
     "gen_users": 128, "gen_items": 5000, "gen_mean_length": 20000, "ml1m_length": 2048,
     "accuracy_length": 2048, "accuracy_epochs": 30, "warmup_batches": 3, "loss_type": "CE",
     "profile_length": 2048, "profile_steps": 10, "scan_kernel": "auto", "cuda_graph": True,
+    "recompute_scan_inputs": False,
 }
 # A CPU smoke test of the code: tiny data and model; its numbers mean nothing.
 SMOKE = {
@@ -77,6 +78,7 @@ SMOKE = {
     "gen_users": 6, "gen_items": 80, "gen_mean_length": 150, "ml1m_length": 0,
     "accuracy_length": 64, "accuracy_epochs": 1, "warmup_batches": 1, "max_batches": 2, "loss_type": "CE",
     "profile_length": 16, "profile_steps": 2, "scan_kernel": "auto", "cuda_graph": True,
+    "recompute_scan_inputs": False,
 }
 
 
@@ -87,6 +89,10 @@ def synchronized_time():
 
 
 def free_gpu():
+    gc.collect()
+    # torch.compile (the fused element-wise ops) keeps tensors of its first calls alive (about 0.13 GiB
+    # after a RecMamba at 2,048): drop them, so that every model and length starts from the same state.
+    torch._dynamo.reset()
     gc.collect()
     if ON_GPU:
         torch.cuda.empty_cache()
@@ -100,7 +106,7 @@ def model_settings(args, data_name, length):
         "num_layers": args.num_layers, "train_batch_size": max(1, args.tokens_per_batch // length),
         "eval_batch_size": max(1, args.tokens_per_batch // length), "show_progress": False, "worker": 0,
         "mamba_backend": "auto" if ON_GPU else "torch", "scan_kernel": args.scan_kernel, "log_wandb": False,
-        "loss_type": args.loss_type, "cuda_graph": args.cuda_graph,
+        "loss_type": args.loss_type, "cuda_graph": args.cuda_graph, "recompute_scan_inputs": args.recompute_scan_inputs,
         # Keep every interaction of the generated data (its items are all used by many users).
         **({"user_inter_num_interval": "[0,inf)", "item_inter_num_interval": "[0,inf)"} if args.smoke else {}),
     }
@@ -224,6 +230,8 @@ def speed_rows(args, data_name, lengths, rows, write):
                 row["error"] = "out of memory"
             model = None
             free_gpu()
+            if ON_GPU:  # what the next row starts with (0 unless something outlives its model)
+                row["allocated_after_free_gib"] = torch.cuda.memory_allocated() / 2**30
             rows.append(row)
             print(row, flush=True)
             write()
