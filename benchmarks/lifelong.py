@@ -89,7 +89,6 @@ def synchronized_time():
 
 
 def free_gpu():
-    gc.collect()
     # torch.compile (the fused element-wise ops) keeps tensors of its first calls alive (about 0.13 GiB
     # after a RecMamba at 2,048): drop them, so that every model and length starts from the same state.
     torch._dynamo.reset()

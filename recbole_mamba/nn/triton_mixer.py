@@ -49,16 +49,13 @@ class MixerWithRecomputation(torch.autograd.Function):
             y, _, saved = scan_forward(*operands, delta_softplus=True)
             out = F.linear(y.transpose(1, 2), out_weight)
         ctx.mixer, ctx.launch = mixer, saved.launch
-        # With one time segment the kernels read no segment summaries (scan_forward passes u there):
-        # keep them only when they exist.
-        summaries = (saved.hloc, saved.sdt) if saved.hloc is not operands[0] else ()
-        ctx.save_for_backward(hidden_states, y, out_weight, *summaries)
+        ctx.save_for_backward(hidden_states, y, out_weight, saved.hloc, saved.sdt)  # summaries: None if unsegmented
         return out
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dout):
-        hidden_states, y, out_weight, *summaries = ctx.saved_tensors
+        hidden_states, y, out_weight, hloc, sdt = ctx.saved_tensors
         mixer = ctx.mixer
         n_conv = len(_convolution_parameters(mixer))
         wanted = ctx.needs_input_grad[3:]
@@ -73,7 +70,7 @@ class MixerWithRecomputation(torch.autograd.Function):
             u_leaf = u.detach().requires_grad_()
             selection = mixer.selection_stage(u_leaf)
         delta, A, B, C, D, delta_bias = (t.detach() for t in selection)
-        saved = ScanSaved(*(summaries or (u_leaf, u_leaf)), True, ctx.launch)
+        saved = ScanSaved(hloc, sdt, True, ctx.launch)
         # out_proj's backward: y is (batch, d_inner, L) stored as (batch, L, d_inner), as dy is made.
         dout_rows = dout.reshape(-1, dout.shape[-1])
         d_out_weight = dout_rows.t() @ y.transpose(1, 2).reshape(-1, y.shape[1]) if ctx.needs_input_grad[2] else None
@@ -93,9 +90,7 @@ class MixerWithRecomputation(torch.autograd.Function):
 
 
 def mixer_with_recomputation(mixer, hidden_states):
-    """``mixer`` (a MambaMixer) on ``hidden_states`` with the Triton scan, recomputing in the backward
-    everything before the scan."""
-    if mixer.out_proj.bias is not None:
-        raise ValueError("mixer_with_recomputation: out_proj has no bias in a Mamba block")
+    """``mixer`` (a MambaMixer, whose out_proj has no bias) on ``hidden_states`` with the Triton scan,
+    recomputing in the backward everything before the scan."""
     return MixerWithRecomputation.apply(hidden_states, mixer, mixer.out_proj.weight, *_convolution_parameters(mixer),
                                         *_selection_parameters(mixer))

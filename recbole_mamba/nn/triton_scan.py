@@ -663,8 +663,8 @@ def _segments(L, block_t, segments):
 class ScanSaved(typing.NamedTuple):
     """What :func:`scan_backward` needs from :func:`scan_forward` besides the scan's inputs."""
 
-    hloc: torch.Tensor  # per-segment summaries (or u itself, unread, with one segment)
-    sdt: torch.Tensor
+    hloc: torch.Tensor | None  # per-segment summaries; None with one segment
+    sdt: torch.Tensor | None
     delta_softplus: bool
     launch: tuple  # (BLOCK_D, BLOCK_T, num_warps, segments, chunks per segment) of the backward
 
@@ -684,18 +684,18 @@ def scan_forward(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softp
     last = torch.empty((batch, d, n), device=u.device, dtype=torch.float32) if return_last_state else out
     dummy = u  # stands in for absent optional tensors (never read: the flags are off)
     # Segment summaries: each one's last state from zero (batch, segments, d, n) and sum of dt.
-    hloc = torch.empty((batch, n_seg, d, n), device=u.device, dtype=torch.float32) if n_seg > 1 else dummy
-    sdt = torch.empty((batch, n_seg, d), device=u.device, dtype=torch.float32) if n_seg > 1 else dummy
+    hloc = torch.empty((batch, n_seg, d, n), device=u.device, dtype=torch.float32) if n_seg > 1 else None
+    sdt = torch.empty((batch, n_seg, d), device=u.device, dtype=torch.float32) if n_seg > 1 else None
     flags = dict(HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), BLOCK_D=fwd_block_d,
                  N_HIGH=n_high, N_LOW=n_low, BLOCK_T=block_t, num_warps=fwd_warps)
     bias = delta_bias if delta_bias is not None else dummy
     if n_seg > 1:
         _segment_summary_fwd_kernel[(batch, fwd_blocks, n_seg)](
-            u, delta, A, B, bias, hloc, sdt, L, d, n, seg_chunks,
+            u, delta, A, B, bias, hloc, sdt, L, d, n, seg_chunks,  # segmented: neither is None
             *u.stride(), *delta.stride(), *B.stride(), **flags)
     _scan_fwd_kernel[(batch, fwd_blocks, n_seg)](
         u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
-        bias, out, last, hloc, sdt,
+        bias, out, last, hloc if hloc is not None else dummy, sdt if sdt is not None else dummy,
         L, d, n, seg_chunks,
         *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *(z if z is not None else u).stride(),
         *out.stride(),
