@@ -187,6 +187,11 @@ class MambaMixer(nn.Module):
         x, z = (half.transpose(1, 2) for half in self.in_proj(hidden_states).chunk(2, dim=-1))  # (b, d_inner, l)
         conv_fn = self._kernels and self._kernels["causal_conv1d_fn"]
         if conv_fn is not None and x.is_cuda:
+            if length == 1 or self.d_inner % 8:
+                # causal-conv1d sends this channel-last input to its channel-last kernels, which need
+                # a width and the gradient's batch and length strides that are multiples of 8; at
+                # length 1 that gradient's length stride is 1. Give them the channel-first layout.
+                x = x.contiguous()
             # causal-conv1d's fused convolution + SiLU, float32 weights, output in x's dtype.
             return conv_fn(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu"), z
         # As causal-conv1d inside mamba_inner_fn: float32 weights and arithmetic, output in x's
