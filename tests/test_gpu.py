@@ -3,6 +3,7 @@
 Skipped on machines without CUDA or without mamba-ssm; run on the GPU machine.
 """
 
+import contextlib
 import copy
 
 import pytest
@@ -91,6 +92,26 @@ def test_auto_scan_kernel_is_timed_once_per_shape_and_leaves_no_trace(cuda_backe
     choice = [v for k, v in mamba_mixer._FASTER_SCAN_KERNEL.items() if k[:3] == (4, 64, 64)]
     assert choice and choice[0] in ("mamba_ssm", "triton")
     assert relative_error(y.detach(), slow(x).detach()) < 1e-4
+
+
+@pytest.mark.parametrize("as_graph", [False, True])
+def test_auto_scan_kernel_timing_hands_its_memory_back(cuda_backend, as_graph):
+    """The probe's activations (and, timed as graphs, their pool) are not left cached by the allocator,
+    where the model could not reuse them and they would add to the run's peak memory."""
+    from recbole_mamba.nn import cuda_graph
+
+    fast, _ = twin_mixers(scan_kernel="auto")
+    x = torch.randn(16, 4096, 64, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with cuda_graph._while_building() if as_graph else contextlib.nullcontext():
+        fast._time_scan_kernels(x, training=True, key=(16, 4096))
+    used = torch.cuda.max_memory_allocated() - before
+    left_cached = torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+    assert used > 64 * 2**20, f"the probe used only {used / 2**20:.0f} MiB: too small a shape to tell"
+    assert left_cached < used / 8, f"{left_cached / 2**20:.0f} MiB left cached after a timing that used {used / 2**20:.0f} MiB"
 
 
 def assert_backends_agree(fast, slow, length, tolerance, autocast_dtype=None):

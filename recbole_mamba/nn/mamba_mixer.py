@@ -271,7 +271,12 @@ class MambaMixer(nn.Module):
         # Inside a CUDA graph the host's launch costs vanish: compare the kernels' GPU time alone.
         as_graph = cuda_graph.building()
         timer = median_graph_ms if as_graph else median_cuda_ms
-        ms = {name: timer(lambda: step(forward)) for name, forward in forwards.items()}
+        ms = {}
+        for name, forward in forwards.items():
+            ms[name] = timer(lambda: step(forward))
+            # The probe's activations and graph pool stay cached by the allocator, in blocks the model's
+            # own stream and pools do not reuse: hand them back, or they add to the run's peak memory.
+            torch.cuda.empty_cache()
         choice = min(ms, key=ms.get)
         batch, length, _ = hidden_states.shape
         logging.getLogger().info(
