@@ -72,12 +72,41 @@ def test_outputs_are_causal():
     assert not torch.allclose(a[:, 7:], b[:, 7:])
 
 
+def test_evaluation_encodes_histories_in_slices_with_the_same_scores():
+    torch.manual_seed(0)
+    model, _ = build(MAX_ITEM_LIST_LENGTH=12, hidden_size=16, d_state=8, eval_slice_tokens=20)
+    lengths = torch.tensor([10, 3, 7, 10, 1])
+    item_seq = torch.randint(1, 40, (5, 12)) * (torch.arange(12) < lengths[:, None])  # right-padded
+    batch = {model.ITEM_SEQ: item_seq, model.ITEM_SEQ_LEN: lengths}
+    encoded_rows = []
+    original_encode = model.encode
+
+    def recording_encode(seqs, seq_lengths):
+        encoded_rows.append(seqs.size(0))
+        return original_encode(seqs, seq_lengths)
+
+    model.encode = recording_encode
+    model.eval()
+    with torch.no_grad():
+        sliced = model.full_sort_predict(batch)
+        assert encoded_rows == [2, 2, 1]  # 20 tokens // longest history 10 = 2 histories a slice
+        model.eval_slice_tokens = None
+        whole = model.full_sort_predict(batch)
+    assert encoded_rows[3:] == [5]
+    torch.testing.assert_close(sliced, whole)
+    model.eval_slice_tokens = 20
+    model.train()  # training batches are never sliced (the all-position losses need every position)
+    model.forward(item_seq, lengths)
+    assert encoded_rows[4:] == [5]
+
+
 @pytest.mark.parametrize("settings, message", [
     ({"train_mode": "prefix"}, "RecMamba trains with all-position losses only: train_mode must be all_positions, got 'prefix'"),
     ({"position_embedding": "yes"}, "position_embedding must be true or false, got 'yes'"),
     ({"residual": 1}, "residual must be true or false, got 1"),
     ({"ffn": None}, "ffn must be true or false, got None"),
     ({"num_layers": 0}, "num_layers must be an integer >= 1, got 0"),
+    ({"eval_slice_tokens": 0}, "eval_slice_tokens must be an integer >= 1, or ~ for no slices, got 0"),
     ({"loss_type": "MSE"}, "loss_type must be one of CE, BPR, BCE, SampledSoftmax, got 'MSE'"),
     ({"ce_kernel": "fast"}, "ce_kernel must be one of auto, torch, liger, triton, got 'fast'"),
     pytest.param({"ce_kernel": "liger"}, "ce_kernel liger: Liger-Kernel's cross entropy runs on CUDA GPUs only, and the device is cpu",

@@ -15,6 +15,7 @@ position t sees only the items up to t), except the context-only positions of ov
 
 import logging
 
+import torch
 from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.model.loss import BPRLoss
 from torch import nn
@@ -47,6 +48,7 @@ class Mamba4Rec(AllPositionLosses, SequentialRecommender):
         self.num_layers = config["num_layers"]
         self.dropout_prob = config["dropout_prob"]
         self.cuda_graph = bool(config["cuda_graph"])
+        self.eval_slice_tokens = config["eval_slice_tokens"]  # absent (None): no slices
         self._training_graph = None  # built at the first training step on a GPU, when cuda_graph is on
         self.init_losses(config)
         self.backend, description = resolve_backend(config["mamba_backend"], config["device"])
@@ -87,6 +89,9 @@ class Mamba4Rec(AllPositionLosses, SequentialRecommender):
             value = config[key]
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise UserInputError(f"{key} must be an integer >= 1, got {value!r}.")
+        tokens = config["eval_slice_tokens"]
+        if tokens is not None and (not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1):
+            raise UserInputError(f"eval_slice_tokens must be an integer >= 1, or ~ for no slices, got {tokens!r}.")
         for key in ("cuda_graph", "recompute_scan_inputs"):  # absent (None): off
             if config[key] is not None and not isinstance(config[key], bool):
                 raise UserInputError(f"{key} must be true or false, got {config[key]!r}.")
@@ -137,7 +142,21 @@ class Mamba4Rec(AllPositionLosses, SequentialRecommender):
         return embedding_lookup(item_seq, self.item_embedding)
 
     def forward(self, item_seq, item_seq_len):
-        """The hidden state at each sequence's last real item (position item_seq_len - 1)."""
+        """The hidden state at each sequence's last real item (position item_seq_len - 1).
+
+        In evaluation the histories are encoded in slices of at most ``eval_slice_tokens`` positions:
+        inference holds one layer's activations at a time, but for every history of the batch, so
+        without slices eval_batch_size x the longest history would set the run's peak memory.
+        """
+        if not self.training and self.eval_slice_tokens:
+            rows = max(1, self.eval_slice_tokens // int(item_seq_len.max()))
+            if rows < item_seq.size(0):
+                return torch.cat([self.forward_unsliced(seqs, lengths)
+                                  for seqs, lengths in zip(item_seq.split(rows), item_seq_len.split(rows))])
+        return self.forward_unsliced(item_seq, item_seq_len)
+
+    def forward_unsliced(self, item_seq, item_seq_len):
+        """:meth:`forward` on the whole batch at once."""
         return self.gather_indexes(self.encode(item_seq, item_seq_len), item_seq_len - 1)
 
     def calculate_loss(self, interaction):
