@@ -24,7 +24,7 @@ from recbole.utils import InputType, ModelType
 
 from recbole_mamba import compat
 from recbole_mamba.data.preparation import SEQUENCE_STORAGES, TRAIN_MODES
-from recbole_mamba.errors import UserInputError
+from recbole_mamba.errors import UserInputError, is_int
 from recbole_mamba.trainer import amp_dtype
 
 # Plugin models: name -> module that defines a class of that name.
@@ -217,14 +217,14 @@ class Config(RecBoleConfig):
     def _check_values(self):
         if self.final_config_dict["MODEL_TYPE"] == ModelType.SEQUENTIAL:
             length = self.final_config_dict.get("MAX_ITEM_LIST_LENGTH")
-            if not _is_int(length) or length < 2:
+            if not is_int(length) or length < 2:
                 raise UserInputError(
                     f"MAX_ITEM_LIST_LENGTH must be an integer >= 2 (the history length a model sees), "
                     f"got {length!r}."
                 )
         amp_dtype(self)  # raises on a dtype autocast cannot use
         prefetch = self.final_config_dict.get("prefetch_batches")
-        if prefetch is not None and (not _is_int(prefetch) or prefetch < 0):
+        if prefetch is not None and (not is_int(prefetch) or prefetch < 0):
             raise UserInputError(
                 f"prefetch_batches must be an integer >= 0 (training batches built ahead on a CUDA "
                 f"device; 0 builds each one when it is needed), got {prefetch!r}."
@@ -249,7 +249,7 @@ class Config(RecBoleConfig):
                 )
             return
         max_len = self.final_config_dict.get("MAX_ITEM_LIST_LENGTH")
-        if stride is not None and (not _is_int(stride) or not 1 <= stride <= max_len):
+        if stride is not None and (not is_int(stride) or not 1 <= stride <= max_len):
             raise UserInputError(
                 f"window_stride must be empty (windows do not overlap) or an integer in "
                 f"1..MAX_ITEM_LIST_LENGTH (1..{max_len}), got {stride!r}."
@@ -310,7 +310,3 @@ def add_missing_defaults(config):
 def all_position_models():
     """Names of the plugin's models that support ``train_mode: all_positions``."""
     return [name for name in PLUGIN_MODELS if getattr(get_model(name), "supports_all_positions", False)]
-
-
-def _is_int(value):
-    return isinstance(value, int) and not isinstance(value, bool)

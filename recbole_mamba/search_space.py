@@ -16,8 +16,8 @@ import math
 
 from recbole.config import Config as RecBoleConfig
 
-from recbole_mamba.config import _is_int, _read_yaml_mapping
-from recbole_mamba.errors import UserInputError
+from recbole_mamba.config import _read_yaml_mapping
+from recbole_mamba.errors import UserInputError, is_int
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 
@@ -55,7 +55,7 @@ def _parse_entry(path, key, spec):
         return distribution, list(args)
     low, high = _low_high(where, distribution, args)
     if distribution == "randint":
-        if not all(_is_int(v) for v in (low, high)):
+        if not all(is_int(v) for v in (low, high)):
             raise UserInputError(f"{where}: randint needs two integers [low, high], got {args!r}.")
         if low > high:
             raise UserInputError(f"{where}: randint needs low <= high, got {args!r}.")

@@ -30,7 +30,7 @@ import tempfile
 import numpy as np
 import yaml
 
-from recbole_mamba.errors import UserInputError
+from recbole_mamba.errors import UserInputError, is_int
 
 NAME_PREFIX = "generated-lifelong"
 MARKER_SUFFIX = ".generated.yaml"
@@ -58,7 +58,7 @@ def check_arguments(args):
     """Raise UserInputError naming the argument, its value and what is valid."""
     for key in ("users", "items", "mean_length", "min_length", "n_topics", "repeat_window"):
         value = args[key]
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if not is_int(value) or value < 1:
             raise UserInputError(f"Generated data: {key} must be an integer >= 1, got {value!r}.")
     if args["min_length"] < 2:
         raise UserInputError(f"Generated data: min_length must be >= 2 (a history and a target), got {args['min_length']}.")

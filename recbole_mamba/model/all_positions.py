@@ -14,7 +14,7 @@ import logging
 import torch
 
 from recbole_mamba.config import MODEL_SAMPLED_LOSSES
-from recbole_mamba.errors import UserInputError
+from recbole_mamba.errors import UserInputError, is_int
 from recbole_mamba.nn import losses
 
 LOSS_TYPES = ("CE", "BPR", "BCE", "SampledSoftmax")
@@ -51,7 +51,7 @@ class AllPositionLosses:
         if loss_type not in LOSS_TYPES:
             raise UserInputError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}.")
         chunk = config["ce_chunk_size"]
-        if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
+        if not is_int(chunk) or chunk < 1:
             raise UserInputError(f"ce_chunk_size must be an integer >= 1, got {chunk!r}.")
         recbole_negatives = config["train_neg_sample_args"].get("distribution") != "none"
         if loss_type == "BPR" and config["train_mode"] == "prefix" and not recbole_negatives:
@@ -74,7 +74,7 @@ class AllPositionLosses:
                 f"got {config['negative_sampling']!r}."
             )
         negatives = config["num_negatives"]
-        if negatives is not None and (not isinstance(negatives, int) or isinstance(negatives, bool) or negatives < 1):
+        if negatives is not None and (not is_int(negatives) or negatives < 1):
             raise UserInputError(f"num_negatives must be empty (the loss's default) or an integer >= 1, got {negatives!r}.")
         if not isinstance(config["logq_correction"], bool):
             raise UserInputError(f"logq_correction must be true or false, got {config['logq_correction']!r}.")

@@ -20,7 +20,7 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.model.loss import BPRLoss
 from torch import nn
 
-from recbole_mamba.errors import UserInputError
+from recbole_mamba.errors import UserInputError, is_int
 from recbole_mamba.model.all_positions import AllPositionLosses
 from recbole_mamba.nn.cuda_graph import GraphedTraining
 from recbole_mamba.nn.embedding import embedding_lookup
@@ -87,10 +87,10 @@ class Mamba4Rec(AllPositionLosses, SequentialRecommender):
         positive_ints = ("hidden_size", "num_layers", "d_state", "d_conv", "expand")
         for key in positive_ints:
             value = config[key]
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not is_int(value) or value < 1:
                 raise UserInputError(f"{key} must be an integer >= 1, got {value!r}.")
         tokens = config["eval_slice_tokens"]
-        if tokens is not None and (not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1):
+        if tokens is not None and (not is_int(tokens) or tokens < 1):
             raise UserInputError(f"eval_slice_tokens must be an integer >= 1, or ~ for no slices, got {tokens!r}.")
         for key in ("cuda_graph", "recompute_scan_inputs"):  # absent (None): off
             if config[key] is not None and not isinstance(config[key], bool):
