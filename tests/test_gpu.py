@@ -62,6 +62,13 @@ def test_triton_scan_kernel_and_torch_backend_agree_fp32(cuda_backend, length, r
     assert_backends_agree(fast, slow, length, tolerance=1e-4)
 
 
+@pytest.mark.parametrize("length", [1, 200])
+def test_triton_scan_at_an_inner_width_not_a_multiple_of_8(cuda_backend, length):
+    """causal-conv1d's channel-last kernels need widths that are multiples of 8: d_inner 20 goes in channel-first."""
+    fast, slow = twin_mixers(d_model=10, d_state=8, scan_kernel="triton")
+    assert_backends_agree(fast, slow, length, tolerance=1e-4)
+
+
 @pytest.mark.parametrize("scan_kernel, recompute", [("mamba_ssm", False), ("triton", False), ("triton", True)])
 @pytest.mark.parametrize("length", [1, 7, 200, 2048, 8192])
 def test_cuda_and_torch_backends_agree_bf16_autocast(cuda_backend, length, scan_kernel, recompute):
@@ -117,8 +124,9 @@ def test_auto_scan_kernel_timing_hands_its_memory_back(cuda_backend, as_graph):
 def assert_backends_agree(fast, slow, length, tolerance, autocast_dtype=None):
     """Same input and output gradient through both mixers: output, input grad, every parameter grad."""
     batch = 4 if length <= 200 else 2
-    x = torch.randn(batch, length, 64, device="cuda")
-    grad_out = torch.randn(batch, length, 64, device="cuda")
+    width = fast.in_proj.in_features
+    x = torch.randn(batch, length, width, device="cuda")
+    grad_out = torch.randn(batch, length, width, device="cuda")
     outputs = {}
     for name, mixer in (("cuda", fast), ("torch", slow)):
         xi = x.clone().requires_grad_(True)
